@@ -1,0 +1,1 @@
+"""tailor: specialize one weight-sharing supernet to (superclass, budget, device)."""

@@ -1,0 +1,206 @@
+"""`tailor <stage>`: one command per pipeline stage, each a thin call into tailor.stages."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Tailor specialised networks from one supernet. Each command is one pipeline stage.")
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+PresetOpt = Annotated[Optional[list[Path]], typer.Option("--preset", help="overlay YAML merged over params (repeatable)")]
+
+
+def _params(params: Path, preset: Optional[list[Path]]):
+    from tailor.config import load_params
+
+    return load_params(params, preset or [])
+
+
+@app.command("prepare-data")
+def prepare_data(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                 out: Path = Path("data/prepared"), metrics: Path = Path("metrics/data.json")):
+    """Build train/val/test splits and the class/superclass tables from the configured source."""
+    from tailor import stages
+
+    stages.prepare_data(_params(params, preset), out, metrics)
+
+
+@app.command("train-teacher")
+def train_teacher(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                  data: Path = Path("data/prepared"), out: Path = Path("models/teacher.pt"),
+                  metrics: Path = Path("metrics/teacher.json"), work_dir: Path = Path("runs/train-teacher")):
+    """Train the largest network of the space alone (the distillation teacher)."""
+    from tailor import stages
+
+    stages.train_teacher(_params(params, preset), data, out, metrics, work_dir)
+
+
+@app.command("train-supernet")
+def train_supernet(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                   data: Path = Path("data/prepared"), teacher: Path = Path("models/teacher.pt"),
+                   out: Path = Path("models/supernet.pt"), metrics: Path = Path("metrics/supernet.json"),
+                   work_dir: Path = Path("runs/train-supernet")):
+    """Progressive shrinking with KD from the teacher and superclass dropout."""
+    from tailor import stages
+
+    stages.train_supernet(_params(params, preset), data, teacher, out, metrics, work_dir)
+
+
+@app.command("profile-latency")
+def profile_latency(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                    data: Path = Path("data/prepared"), out_dir: Path = Path("latency"),
+                    metrics: Path = Path("metrics/latency.json"),
+                    target: Annotated[Optional[list[str]], typer.Option(
+                        "--target", help="a name from latency.targets (repeatable; default: latency.target)")] = None):
+    """Measure the latency LUT of each target on this machine; calibrate and validate on whole subnets."""
+    from tailor import stages
+
+    stages.profile_latency(_params(params, preset), data, out_dir, metrics, target)
+
+
+@app.command("search-predictor")
+def search_predictor(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                     data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+                     out: Path = Path("search/predictor.pt")):
+    """Measure random subnets on every superclass and fit OFA's accuracy predictor."""
+    from tailor import stages
+
+    stages.search_predictor(_params(params, preset), data, supernet, out)
+
+
+@app.command("search")
+def search(method: Annotated[str, typer.Argument(help="generator | random | evolution | nsga2")],
+           params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+           data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+           out: Annotated[Optional[Path], typer.Option(help="result file (default: search/<method>.json)")] = None,
+           predictor: Annotated[Optional[Path], typer.Option(
+               help="search-predictor's output (evolution; nsga2 with fitness 'predictor')")] = None,
+           generator_out: Annotated[Optional[Path], typer.Option(
+               help="where the trained generator goes (generator; default search/generator.pt)")] = None,
+           superclass: Annotated[Optional[list[str]], typer.Option(
+               "--superclass", help="only these superclasses' scenarios (repeatable)")] = None):
+    """One architecture per (superclass, budget) scenario with one search method."""
+    from tailor import stages
+
+    if method == "generator" and generator_out is None:
+        generator_out = Path("search/generator.pt")
+    stages.search(_params(params, preset), method, data, supernet, out or Path(f"search/{method}.json"), predictor,
+                  generator_out, superclass)
+
+
+@app.command("search-collect")
+def search_collect(inputs: Annotated[list[Path], typer.Argument(help="search/<method>.json files")],
+                   params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                   results: Path = Path("search/results.json"), table: Path = Path("search/table.md"),
+                   metrics: Path = Path("metrics/search.json")):
+    """Merge search results: results.json, a Markdown table for the report, and metrics."""
+    from tailor import stages
+
+    stages.search_collect(_params(params, preset), inputs, results, table, metrics)
+
+
+@app.command("retrain")
+def retrain(superclass: Annotated[str, typer.Option(help="the scenario's superclass (a name from the data)")],
+            budget: Annotated[float, typer.Option(help="the scenario's budget, in search.cost's unit")],
+            arch: Annotated[Optional[str], typer.Option(
+                help="architecture string; default: the scenario's arch in retrain.scenarios, else the search's pick")] = None,
+            params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+            data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+            search_dir: Annotated[Path, typer.Option(help="where search-collect wrote results.json")] = Path("search"),
+            out: Annotated[Optional[Path], typer.Option(help="default: retrain/<superclass>__<budget>/model.pt")] = None,
+            metrics: Annotated[Optional[Path], typer.Option(
+                help="default: metrics/retrain/<superclass>__<budget>.json")] = None,
+            work_dir: Annotated[Optional[Path], typer.Option(help="default: runs/retrain/<superclass>__<budget>")] = None):
+    """Retrain one (superclass, budget) scenario's architecture as a network for that superclass's classes."""
+    from tailor import stages
+    from tailor.space import Arch
+
+    p = _params(params, preset)
+    sid = stages.scenario_id(superclass, budget)
+    chosen = Arch.parse(arch) if arch else stages.choose_arch(p, search_dir, superclass, budget)
+    stages.retrain(p, data, supernet, superclass, budget, chosen, out or Path(f"retrain/{sid}/model.pt"),
+                   metrics or Path(f"metrics/retrain/{sid}.json"), work_dir or Path(f"runs/retrain/{sid}"))
+
+
+@app.command("export")
+def export(models: Annotated[Optional[list[Path]], typer.Option(
+               "--models", help="retrained checkpoints (repeatable); default: retrain/<scenario>/model.pt "
+                                "of every scenario in retrain.scenarios")] = None,
+           params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+           data: Path = Path("data/prepared"),
+           repo: Annotated[str, typer.Option(help="Triton model repository: a directory or s3://bucket/prefix "
+                                                  "(endpoint and credentials from AWS_* variables)")] = "triton",
+           onnx_dir: Annotated[Optional[Path], typer.Option(help="also copy <model>.onnx files here")] = Path("onnx"),
+           metrics: Path = Path("metrics/export.json")):
+    """ONNX export (parity-checked) and the Triton model repository of the retrained networks."""
+    from tailor import stages
+    from tailor.export import S3Error
+
+    p = _params(params, preset)
+    if not models:
+        models = [Path(f"retrain/{stages.scenario_id(s.superclass, s.budget)}/model.pt") for s in p.retrain.scenarios]
+    try:
+        stages.export(p, models, data, repo, metrics, onnx_dir)
+    except S3Error as e:
+        print(f"tailor: error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+@app.command("serve-check")
+def serve_check(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                repo: Annotated[str, typer.Option(help="the exported repository: a directory or s3://bucket/prefix")] = "triton",
+                data: Path = Path("data/prepared"), metrics: Path = Path("metrics/serve.json"),
+                url: Annotated[Optional[str], typer.Option(
+                    "--url", envvar="TRITON_HTTP_URL",
+                    help="HTTP endpoint of a running Triton serving the repository (http://host:8000)")] = None,
+                grpc_url: Annotated[Optional[str], typer.Option(
+                    "--grpc-url", envvar="TRITON_GRPC_URL", help="its gRPC endpoint (host:8001)")] = None):
+    """Serve the exported models on Triton (--url/--grpc-url, else the bundled tritonserver): accuracy, latency."""
+    from tailor import stages
+    from tailor.serve import ServeCheckError
+
+    try:
+        stages.serve_check(_params(params, preset), repo, data, metrics, url, grpc_url)
+    except ServeCheckError as e:
+        print(f"tailor: serve-check failed (details in {metrics}): {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+def main() -> None:
+    """Entry point: known input errors become one line on stderr and exit status 2."""
+    from tailor.config import ParamsError
+    from tailor.data import DataError
+
+    try:
+        # Outside standalone mode typer turns a KeyboardInterrupt in a command into a returned
+        # exit code (130) instead of raising it: that code must become the process's status.
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            if rc == 130:
+                print("tailor: interrupted", file=sys.stderr)
+            sys.exit(rc)
+    except (ParamsError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"tailor: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as e:
+        print(f"tailor: interrupted ({e})", file=sys.stderr)
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        # typer vendors its own click (typer._click): its usage errors are typer.TyperException
+        # subclasses, not click.ClickException.
+        if isinstance(e, (click.ClickException, typer.TyperException)) and hasattr(e, "show"):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,398 @@
+"""The schema of params.yaml: every hyperparameter of every stage, validated in one place.
+
+params.yaml is the single source of values; this module only states their types and ranges, so
+a field has no default here (a missing key is an error naming it). Presets in configs/ are
+overlays: mappings merged key by key over params.yaml.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tailor.export.settings import ExportConfig, ServeConfig
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an overlay) is missing a key, has an unknown one, or a bad value."""
+
+
+# ---------------------------------------------------------------- data
+class SyntheticConfig(Strict):
+    superclasses: int = Field(ge=2)
+    classes_per_superclass: int = Field(ge=2)
+    train_per_class: int = Field(ge=10)
+    test_per_class: int = Field(ge=5)
+    # Amplitude of the class-specific texture relative to the superclass pattern: smaller is harder.
+    class_signal: float = Field(gt=0)
+    noise: float = Field(ge=0)
+
+
+class DataConfig(Strict):
+    source: Literal["synthetic", "imagefolder", "cifar100"]
+    # imagefolder: a directory or .zip holding train/<class>/*, test/<class>/*; cifar100: the
+    # directory torchvision's CIFAR100 reads (or downloads into when allow_download).
+    path: str | None
+    # imagefolder: superclasses.yaml (superclass -> list of class folder names); null looks for
+    # superclasses.yaml at the root of `path` (inside the zip too).
+    superclass_map: str | None
+    image_size: int = Field(ge=16)
+    val_fraction: float = Field(gt=0, lt=0.5)
+    allow_download: bool
+    synthetic: SyntheticConfig
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source in ("imagefolder", "cifar100") and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+# ---------------------------------------------------------------- search space
+class SpaceConfig(Strict):
+    """MobileNetV3-style space: stem, a fixed first block, 5 elastic units, head."""
+
+    stem_channels: int = Field(ge=8)
+    stem_stride: Literal[1, 2]
+    first_block_channels: int = Field(ge=8)
+    widths: list[int] = Field(min_length=1)
+    strides: list[Literal[1, 2]] = Field(min_length=1)
+    se: list[bool] = Field(min_length=1)
+    activations: list[Literal["relu", "hswish"]] = Field(min_length=1)
+    depths: list[int] = Field(min_length=1)
+    expands: list[int] = Field(min_length=1)
+    kernels: list[Literal[3, 5, 7]] = Field(min_length=1)
+    final_expand_channels: int = Field(ge=8)
+    feature_channels: int = Field(ge=8)
+    dropout: float = Field(ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        n = len(self.widths)
+        for name in ("strides", "se", "activations"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"space.{name} has {len(getattr(self, name))} entries, space.widths has {n}")
+        for name in ("depths", "expands", "kernels"):
+            v = getattr(self, name)
+            if v != sorted(set(v)):
+                raise ValueError(f"space.{name} must be strictly increasing, got {v}")
+        if self.depths[0] < 1:
+            raise ValueError(f"space.depths must be >= 1, got {self.depths}")
+        return self
+
+
+# ---------------------------------------------------------------- training
+class OptimConfig(Strict):
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    nesterov: bool
+    warmup_epochs: float = Field(ge=0)
+    label_smoothing: float = Field(ge=0, lt=1)
+    batch_size: int = Field(ge=1)
+
+
+class RuntimeConfig(Strict):
+    """How training runs, not what it learns: changing these must not change CPU results."""
+
+    device: Literal["auto", "cpu", "cuda"]
+    # bf16 autocast applies on CUDA only; channels_last everywhere (2.3x faster depthwise training on CPU too).
+    bf16: bool
+    channels_last: bool
+    # Keep the uint8 dataset on the GPU when it takes at most this fraction of free memory;
+    # otherwise stream batches from pinned host memory.
+    device_data_fraction: float = Field(gt=0, le=1)
+    eval_batch_size: int = Field(ge=1)
+    bn_recal_batches: int = Field(ge=1)
+    bn_recal_batch_size: int = Field(ge=1)
+    log_every: int = Field(ge=0)  # steps between progress lines; 0: once per epoch
+    threads: int = Field(ge=0)  # 0: leave torch's default
+
+
+class AugmentConfig(Strict):
+    pad_crop: int = Field(ge=0)  # pixels of reflect padding before a random crop back to size
+    flip: bool
+
+
+class TeacherConfig(Strict):
+    epochs: int = Field(ge=1)
+    optim: OptimConfig
+
+
+class PhaseConfig(Strict):
+    """One progressive-shrinking phase: which choices are elastic while it runs."""
+
+    name: str
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    kernels: list[int]
+    depths: list[int]
+    expands: list[int]
+
+
+class SupernetConfig(Strict):
+    phases: list[PhaseConfig] = Field(min_length=1)
+    subnets_per_step: int = Field(ge=1)
+    # Sandwich rule: each step's subnets include the largest (and, from the second on, the smallest).
+    sandwich: bool
+    kd_weight: float = Field(ge=0)
+    kd_temperature: float = Field(gt=0)
+    # EAS superclass dropout: each other superclass's logit group is dropped with this probability.
+    superclass_dropout: float = Field(ge=0, le=1)
+    optim: OptimConfig
+
+
+class RetrainScenario(Strict):
+    superclass: str
+    budget: float = Field(gt=0)  # in the search's cost unit (see search.cost)
+    # An explicit architecture string; null takes the one the search chose for this scenario.
+    arch: str | None
+
+
+class RetrainConfig(Strict):
+    """Retraining the chosen architectures as specialised networks (one per scenario)."""
+
+    scenarios: list[RetrainScenario] = Field(min_length=1)
+    method: str                              # which search method's architecture to take
+    init: Literal["scratch", "inherit"]      # from scratch (TF-NAS) or fine-tune supernet weights
+    data: Literal["superclass", "all"]       # train on the superclass only, or on all and slice the head
+    epochs: int = Field(ge=1)
+    optim: OptimConfig
+
+
+# ---------------------------------------------------------------- latency
+class KfpPlacement(Strict):
+    """Where the KFP profiling component for a target runs: on the hardware the table describes."""
+
+    node_selector: dict[str, str]
+    accelerator: str | None  # e.g. nvidia.com/gpu; null for CPU targets
+    accelerator_count: int = Field(ge=0)
+    # requests == limits (Guaranteed QoS) so pinned threads get whole cores, not a share of them
+    cpu: str
+    memory: str
+
+
+class LatencyTarget(Strict):
+    """A named target: what a LUT's milliseconds are measured on."""
+
+    device: Literal["cpu", "cuda"]
+    runtime: Literal["torch", "onnxruntime"]
+    dtype: Literal["fp32", "bf16", "fp16"]  # bf16/fp16: torch on CUDA only
+    batch_size: int = Field(ge=1)
+    threads: int = Field(ge=1)  # intra-op threads (torch.set_num_threads / onnxruntime intra_op_num_threads)
+    kfp: KfpPlacement
+
+    @model_validator(mode="after")
+    def _dtype_supported(self):
+        if self.dtype != "fp32" and (self.device != "cuda" or self.runtime != "torch"):
+            raise ValueError(f"dtype {self.dtype!r} is measured with runtime 'torch' on device 'cuda' only, "
+                             f"got runtime {self.runtime!r} on {self.device!r}")
+        if (self.device == "cuda") != bool(self.kfp.accelerator and self.kfp.accelerator_count):
+            raise ValueError("kfp.accelerator / accelerator_count must be set for cuda targets and only for them")
+        return self
+
+
+class LatencyProtocol(Strict):
+    warmup: int = Field(ge=0)  # untimed calls before each item's timed calls, every round
+    repeats: int = Field(ge=1)  # timed calls per item per round
+    rounds: int = Field(ge=1)  # interleaved passes over all items; an entry is the median of its calls
+    # Drop calls during which another process preempted one of ours (getrusage involuntary switches):
+    # on a shared machine they time the load, not the model.
+    discard_preempted: bool
+    # What an entry is: the median is the latency a dedicated target sees; on a shared machine the
+    # p10 / min are steadier estimates of it (load only ever adds time).
+    statistic: Literal["median", "p10", "min"]
+
+
+class LatencyConfig(Strict):
+    targets: dict[str, LatencyTarget] = Field(min_length=1)
+    target: list[str] = Field(min_length=1)  # what the DAG profiles (a name or a list of names)
+    protocol: LatencyProtocol
+    calibration_archs: int = Field(ge=2)  # whole subnets (min, max, then random) the correction is fitted on
+    held_out_archs: int = Field(ge=1)  # other random subnets the error is reported on
+    calibration: Literal["none", "affine", "affine_blocks", "per_unit"]
+    seed: int
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _targets_known(self):
+        bad = [t for t in self.target if t not in self.targets]
+        if bad:
+            raise ValueError(f"latency.target names {bad}, not in latency.targets {sorted(self.targets)}")
+        return self
+
+
+# ---------------------------------------------------------------- search
+class SearchBudgets(Strict):
+    # fraction: of the space's [cheapest, dearest] cost range under search.cost (0 = the cheapest
+    # architecture); absolute: in the cost model's unit (MAdds, or ms on the LUT's target).
+    kind: Literal["fraction", "absolute"]
+    values: list[float] = Field(min_length=1)
+
+
+class SearchCost(Strict):
+    kind: Literal["madds", "latency"]
+    lut: str | None  # latency: the table written by profile-latency (e.g. latency/cpu-ort.json)
+
+    @model_validator(mode="after")
+    def _lut_for_latency(self):
+        if (self.kind == "latency") != bool(self.lut):
+            raise ValueError("search.cost.lut must be set when search.cost.kind is 'latency', and only then")
+        return self
+
+
+class GeneratorConfig(Strict):
+    """The EAS architecture generator G(B, t)."""
+
+    embed_dim: int = Field(ge=1)      # superclass and budget embeddings (the paper: 32)
+    hidden: int = Field(ge=1)         # LSTM width
+    anchors: int = Field(ge=2)        # K budget anchors evenly spaced on the space's cost range
+    tau: float = Field(gt=0)          # Gumbel-sigmoid temperature
+    budget_weight: float = Field(ge=0)  # lambda on ((R - B) / (B_high - B_low))^2
+    lr: float = Field(gt=0)
+    steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)     # validation images of the sampled superclass per step
+    bn_context: int = Field(ge=0)     # extra all-class training images per step, for BN batch statistics only
+    candidates: int = Field(ge=1)     # per scenario at inference; the first is the mode
+    max_tries: int = Field(ge=1)      # resampling rounds for candidates over budget
+
+
+class RandomSearchConfig(Strict):
+    samples: int = Field(ge=1)        # architectures per budget (scored on every superclass)
+    max_tries: int = Field(ge=1)      # rejection-sampling draws per architecture before snapping
+
+
+class PredictorConfig(Strict):
+    """OFA-style accuracy predictor: MLP on (architecture encoding, superclass one-hot)."""
+
+    samples: int = Field(ge=2)        # random subnets measured (BN recalibrated) on every superclass
+    hidden: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    batch_size: int = Field(ge=1)
+    holdout: float = Field(ge=0, lt=1)  # fraction of sampled archs kept out of training to report its error
+
+
+class EvolutionConfig(Strict):
+    variants: list[Literal["ofa-v", "ofa-t"]] = Field(min_length=1)
+    population: int = Field(ge=2)
+    generations: int = Field(ge=1)
+    parent_ratio: float = Field(gt=0, le=1)
+    mutation_ratio: float = Field(ge=0, le=1)  # share of children from mutation; the rest from crossover
+    mutate_prob: float = Field(ge=0, le=1)
+    max_tries: int = Field(ge=1)
+    # EAT-NAS transfer: seed the population with one-primitive-per-unit perturbations of a basic
+    # architecture (seed_arch, e.g. from another run), or of the previous budget's result for the
+    # same superclass (transfer_budgets).
+    seed_arch: str | None
+    seed_fraction: float = Field(ge=0, le=1)
+    transfer_budgets: bool
+
+
+class NSGA2Config(Strict):
+    """SCARLET's constrained, weighted NSGA-II (objectives: accuracy, cost, parameters)."""
+
+    population: int = Field(ge=4)
+    generations: int = Field(ge=1)
+    mutate_prob: float = Field(ge=0, le=1)
+    weights: list[float] = Field(min_length=3, max_length=3)  # crowding-distance weights: accuracy, cost, params
+    acc_min: float = Field(ge=0, le=1)
+    fitness: Literal["predictor", "supernet"]  # accuracy from the predictor, or measured on the supernet
+    max_tries: int = Field(ge=1)
+    seed_arch: str | None
+    seed_fraction: float = Field(ge=0, le=1)
+
+
+class SearchConfig(Strict):
+    superclasses: list[str] | None  # the scenarios' superclasses; null: all of the dataset's
+    budgets: SearchBudgets
+    cost: SearchCost
+    slack: float = Field(ge=0, lt=1)  # every result is snapped into [(1 - slack) B, B]
+    generator: GeneratorConfig
+    random: RandomSearchConfig
+    predictor: PredictorConfig
+    evolution: EvolutionConfig
+    nsga2: NSGA2Config
+
+
+class Params(Strict):
+    seed: int
+    data: DataConfig
+    space: SpaceConfig
+    augment: AugmentConfig
+    runtime: RuntimeConfig
+    teacher: TeacherConfig
+    supernet: SupernetConfig
+    retrain: RetrainConfig
+    latency: LatencyConfig
+    search: SearchConfig
+    export: ExportConfig
+    serve: ServeConfig
+
+    @model_validator(mode="after")
+    def _phases_in_space(self):
+        for ph in self.supernet.phases:
+            for name in ("kernels", "depths", "expands"):
+                bad = sorted(set(getattr(ph, name)) - set(getattr(self.space, name)))
+                if bad:
+                    raise ValueError(f"supernet.phases[{ph.name}].{name} has {bad}, not in space.{name}")
+        return self
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", overlays: list[str | Path] = (),
+                overrides: dict[str, Any] | None = None) -> Params:
+    """params.yaml, then each overlay file, then `overrides` (a nested dict), validated."""
+    raw = _read_yaml(Path(path))
+    for ov in overlays:
+        raw = deep_merge(raw, _read_yaml(Path(ov)))
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return params_from_dict(raw, source=str(path))
+
+
+def params_from_dict(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        # One line (the CLI prints it as its one error line); cross-field checks name their fields
+        # in the message, so pydantic's "Value error, " prefix and empty location are dropped.
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {msg}" if where else msg)
+        raise ParamsError(f"{source}: invalid parameters: " + "; ".join(problems)) from None

@@ -1,0 +1,706 @@
+"""One function per pipeline stage: params + declared input paths -> declared output paths + metrics.
+
+DVC (through the CLI) and the Kubeflow components call exactly these functions. Every output is
+written atomically, and every artifact records the params and code version it came from.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from tailor import data as datamod
+from tailor.config import Params
+from tailor.data import Batches, Meta
+from tailor.space import Arch, SearchSpace
+from tailor.supernet import SuperNet, recalibrate_bn
+from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, masked_kd,
+                          resolve_device, superclass_keep_mask, warmup_cosine)
+from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
+
+
+def provenance(p: Params, stage: str) -> dict:
+    return {"stage": stage, "code_version": code_version(), "params": p.model_dump(mode="json")}
+
+
+# ---------------------------------------------------------------- prepare-data
+def prepare_data(p: Params, out_dir: Path, metrics_path: Path) -> dict:
+    t0 = time.perf_counter()
+    meta, splits = datamod.build(p.data, p.seed)
+    with atomic_dir(out_dir) as tmp:
+        datamod.write(tmp, meta, splits, provenance(p, "prepare-data"))
+    metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
+               **{f"{k}_images": len(v[1]) for k, v in splits.items()}, "image_size": meta.image_size,
+               "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(metrics_path, metrics)
+    log(f"prepare-data: {metrics}")
+    return metrics
+
+
+# ---------------------------------------------------------------- shared plumbing
+class Context:
+    """What the training stages share: device, data on it, the search space."""
+
+    def __init__(self, p: Params, data_dir: Path):
+        self.p, self.data_dir = p, Path(data_dir)
+        self.meta = Meta.load(data_dir)
+        self.device = resolve_device(p.runtime)
+        self.space = SearchSpace(p.space, self.meta.image_size)
+        self.num_classes = len(self.meta.classes)
+        self._batches: dict[str, Batches] = {}
+
+    def batches(self, split: str, batch_size: int | None = None) -> Batches:
+        key = f"{split}:{batch_size}"
+        if key not in self._batches:
+            x, y = datamod.load_split(self.data_dir, split)
+            rt = self.p.runtime
+            on_device = True
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info()
+                on_device = x.nbytes <= rt.device_data_fraction * free
+            self._batches[key] = Batches(x, y, self.meta, self.device, batch_size or rt.eval_batch_size,
+                                         pad_crop=self.p.augment.pad_crop, flip=self.p.augment.flip,
+                                         on_device=on_device, channels_last=rt.channels_last)
+        return self._batches[key]
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.p.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def recal_batches(self, seed: int):
+        """A fixed, seeded sample of un-augmented training batches for BN recalibration."""
+        b = self.batches("train", self.p.runtime.bn_recal_batch_size)
+        it = b.epoch(seed, augment=False)
+        return [next(it)[0] for _ in range(min(self.p.runtime.bn_recal_batches, b.num_batches(True)))]
+
+    def evaluate_subnet(self, supernet: SuperNet, arch: Arch, splits=("val", "test")) -> dict:
+        """Extract `arch`, recalibrate its BN on training batches, and score it on each split."""
+        net = self.prepare_model(supernet.extract(arch))
+        recalibrate_bn(net, self.recal_batches(self.p.seed))
+        net.eval()
+        out = {"arch": str(arch), "madds": self.space.madds(arch, self.num_classes)}
+        with autocast(self.device, self.p.runtime):
+            for split in splits:
+                out[split] = evaluate(net, self.batches(split), self.meta)
+        return out
+
+
+def save_supernet(path: Path, model: SuperNet, ctx: Context, p: Params, stage: str, extra: dict) -> None:
+    atomic_torch_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+                       "num_classes": ctx.num_classes, "image_size": ctx.meta.image_size,
+                       "meta": ctx.meta.__dict__, **provenance(p, stage), **extra}, path)
+
+
+def load_supernet(path: Path, device: torch.device | str = "cpu") -> tuple[SuperNet, dict]:
+    """A SuperNet rebuilt from its checkpoint's own recorded space config."""
+    from tailor.config import SpaceConfig
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
+    net = SuperNet(space, ck["num_classes"])
+    net.load_state_dict(ck["state_dict"])
+    return net.to(device), ck
+
+
+def _summary(evals: dict) -> dict:
+    return {name: {"arch": e["arch"], "madds_m": round(e["madds"] / 1e6, 3),
+                   **{f"{s}_sc_top1_mean": e[s]["sc_top1_mean"] for s in ("val", "test")},
+                   **{f"{s}_top1": e[s]["top1"] for s in ("val", "test")},
+                   "test_images_per_s": e["test"]["images_per_s"], "test_sc_top1": e["test"]["sc_top1"]}
+            for name, e in evals.items()}
+
+
+# ---------------------------------------------------------------- train-teacher
+def train_teacher(p: Params, data_dir: Path, out_path: Path, metrics_path: Path, work_dir: Path) -> dict:
+    """The largest network of the space trained alone on all classes (no superclass dropout)."""
+    ctx = Context(p, data_dir)
+    torch.manual_seed(p.seed)
+    model = ctx.prepare_model(SuperNet(ctx.space, ctx.num_classes))
+    cfg = p.teacher
+    arch = ctx.space.max_arch
+
+    def step(m, x, y, sc, epoch, i):
+        with autocast(ctx.device, p.runtime):
+            logits = m(x, arch)
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        loss = masked_cross_entropy(logits, y, keep, cfg.optim.label_smoothing)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    fp = fingerprint("teacher", p.seed, p.space.model_dump(), p.augment.model_dump(), cfg.model_dump(),
+                     file_hash(Path(data_dir) / "meta.json"))
+    res = fit(model, ctx.batches("train", cfg.optim.batch_size), make_optimizer(model, cfg.optim), cfg.epochs,
+              warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
+              Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
+    model.eval()
+    evals = {"max": ctx.evaluate_subnet(model, arch)}
+    metrics = {"epochs": cfg.epochs, "train_seconds": round(res.seconds, 1), "device": str(ctx.device),
+               "history": res.history, "subnets": _summary(evals)}
+    save_supernet(out_path, model, ctx, p, "train-teacher", {"metrics": metrics})
+    atomic_write_json(metrics_path, metrics)
+    log(f"train-teacher: max subnet val sc_top1_mean={evals['max']['val']['sc_top1_mean']}")
+    return metrics
+
+
+# ---------------------------------------------------------------- train-supernet
+def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path, metrics_path: Path,
+                   work_dir: Path) -> dict:
+    """Progressive shrinking from the teacher's weights, with KD from the teacher and superclass dropout."""
+    ctx = Context(p, data_dir)
+    cfg = p.supernet
+    torch.manual_seed(p.seed)
+    teacher, _ = load_supernet(teacher_path, ctx.device)
+    teacher = ctx.prepare_model(teacher).eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    model = SuperNet(ctx.space, ctx.num_classes)
+    model.load_state_dict(teacher.state_dict())  # OFA: shrinking starts from the trained largest network
+    model = ctx.prepare_model(model)
+
+    # Epoch -> phase, and a per-phase cosine schedule (each phase restarts its learning rate).
+    starts, t = [], 0
+    for ph in cfg.phases:
+        starts.append(t)
+        t += ph.epochs
+    total = t
+
+    def phase_at(epoch: int):
+        i = max(j for j, s in enumerate(starts) if s <= epoch)
+        return i, cfg.phases[i]
+
+    def lr_at(tt: float) -> float:
+        i, ph = phase_at(min(int(tt), total - 1))
+        return warmup_cosine(ph.lr, ph.epochs, cfg.optim.warmup_epochs)(tt - starts[i])
+
+    class_sc = torch.tensor(ctx.meta.class_superclass, device=ctx.device)
+
+    def step(m, x, y, sc, epoch, i):
+        _, ph = phase_at(epoch)
+        rng = random.Random(fingerprint(p.seed, epoch, i))
+        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        with torch.no_grad(), autocast(ctx.device, p.runtime):
+            t_logits = teacher(x)
+        keep = superclass_keep_mask(sc, class_sc, cfg.superclass_dropout, gen)
+        phase_min = ctx.space.uniform(min(ph.depths), min(ph.kernels), min(ph.expands))
+        losses = {"ce": 0.0, "kd": 0.0}
+        for k in range(cfg.subnets_per_step):
+            if cfg.sandwich and k == 0:
+                arch = ctx.space.max_arch
+            elif cfg.sandwich and k == 1:
+                arch = phase_min
+            else:
+                arch = ctx.space.sample(rng, ph.kernels, ph.depths, ph.expands)
+            with autocast(ctx.device, p.runtime):
+                logits = m(x, arch)
+            ce = masked_cross_entropy(logits, y, keep, cfg.optim.label_smoothing)
+            kd = masked_kd(logits, t_logits, keep, cfg.kd_temperature)
+            ((ce + cfg.kd_weight * kd) / cfg.subnets_per_step).backward()
+            losses["ce"] += ce.item() / cfg.subnets_per_step
+            losses["kd"] += kd.item() / cfg.subnets_per_step
+        return losses
+
+    fp = fingerprint("supernet", p.seed, p.space.model_dump(), p.augment.model_dump(), cfg.model_dump(),
+                     file_hash(Path(data_dir) / "meta.json"), file_hash(teacher_path))
+    res = fit(model, ctx.batches("train", cfg.optim.batch_size), make_optimizer(model, cfg.optim), total, lr_at,
+              step, Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
+    model.eval()
+    evals = {name: ctx.evaluate_subnet(model, getattr(ctx.space, f"{name}_arch")) for name in ("min", "mid", "max")}
+    metrics = {"epochs": total, "phases": [ph.name for ph in cfg.phases], "train_seconds": round(res.seconds, 1),
+               "device": str(ctx.device), "superclass_dropout": cfg.superclass_dropout,
+               "history": res.history, "subnets": _summary(evals)}
+    save_supernet(out_path, model, ctx, p, "train-supernet", {"metrics": metrics})
+    atomic_write_json(metrics_path, metrics)
+    log("train-supernet: " + ", ".join(f"{k} {v['madds_m']}M val={v['val_sc_top1_mean']}"
+                                       for k, v in metrics["subnets"].items()))
+    return metrics
+
+
+# ---------------------------------------------------------------- retrain
+def scenario_id(superclass: str, budget: float) -> str:
+    """A filesystem-safe key for a (superclass, budget) scenario, e.g. 'sc0__4000000', 'sc1__2p5'."""
+    # Fixed-point, never an exponent: `:g` made 4000000 '4e06', while dvc.yaml's foreach spells the
+    # same scenario's paths ${item.superclass}__${item.budget} = 'sc0__4000000'.
+    return f"{superclass}__" + f"{float(budget):.6f}".rstrip("0").rstrip(".").replace(".", "p")
+
+
+def budget_unit(p: Params) -> str:
+    """The unit of retrain.scenarios budgets: search.cost's ('MAdds', or 'ms' on a latency LUT)."""
+    return {"madds": "MAdds", "latency": "ms"}[p.search.cost.kind]
+
+
+def save_specialized(path: Path, net: torch.nn.Module, ctx: Context, p: Params, arch: Arch, superclass: str,
+                     budget: float, classes: list[int], extra: dict) -> None:
+    atomic_torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "arch": str(arch),
+                       "superclass": superclass, "budget": budget, "classes": classes,
+                       "class_names": [ctx.meta.classes[c] for c in classes], "image_size": ctx.meta.image_size,
+                       "mean": ctx.meta.mean, "std": ctx.meta.std, **provenance(p, "retrain"), **extra}, path)
+
+
+def load_specialized(path: Path, device: torch.device | str = "cpu"):
+    """(StaticNet for one superclass's classes, its checkpoint dict)."""
+    from tailor.config import SpaceConfig
+    from tailor.nets import StaticNet
+
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
+    net = StaticNet(space, Arch.parse(ck["arch"]), len(ck["classes"]))
+    net.load_state_dict(ck["state_dict"])
+    return net.to(device).eval(), ck
+
+
+def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, budget: float, arch: Arch,
+            out_path: Path, metrics_path: Path, work_dir: Path) -> dict:
+    """Train the network of one scenario for its superclass only (classifier = that superclass's classes).
+
+    retrain.init: 'scratch' (fresh weights, TF-NAS/SCARLET style) or 'inherit' (fine-tune the
+    supernet's weights for this arch). retrain.data: 'superclass' trains on that superclass's
+    images only; 'all' trains on every class and keeps only the superclass's classifier rows.
+    """
+    from tailor.nets import StaticNet
+
+    cfg = p.retrain
+    ctx = Context(p, data_dir)
+    ctx.space.validate(arch)
+    sc = ctx.meta.superclass_index(superclass)
+    classes = ctx.meta.classes_of(sc)
+    torch.manual_seed(p.seed)
+    if cfg.init == "inherit":
+        supernet, _ = load_supernet(supernet_path)
+        net = supernet.extract(arch)
+    else:
+        net = StaticNet(ctx.space, arch, ctx.num_classes)
+    net = ctx.prepare_model(net)
+
+    x, y = datamod.load_split(data_dir, "train")
+    if cfg.data == "superclass":
+        sel = torch.isin(torch.from_numpy(y), torch.tensor(classes)).numpy()
+        x, y = x[sel], y[sel]
+    train_batches = Batches(x, y, ctx.meta, ctx.device, cfg.optim.batch_size, pad_crop=p.augment.pad_crop,
+                            flip=p.augment.flip, channels_last=p.runtime.channels_last)
+    local = torch.full((ctx.num_classes,), -1, dtype=torch.long, device=ctx.device)
+    local[torch.tensor(classes, device=ctx.device)] = torch.arange(len(classes), device=ctx.device)
+    cls_idx = torch.tensor(classes, device=ctx.device)
+
+    def step(m, xb, yb, scb, epoch, i):
+        with autocast(ctx.device, p.runtime):
+            logits = m(xb)
+        if cfg.data == "superclass":  # a superclass-only problem: only its logits compete
+            logits, yb = logits[:, cls_idx], local[yb]
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        loss = masked_cross_entropy(logits, yb, keep, cfg.optim.label_smoothing)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    fp = fingerprint("retrain", p.seed, p.space.model_dump(), p.augment.model_dump(), cfg.model_dump(), str(arch),
+                     superclass, file_hash(Path(data_dir) / "meta.json"),
+                     file_hash(supernet_path) if cfg.init == "inherit" else None)
+    res = fit(net, train_batches, make_optimizer(net, cfg.optim), cfg.epochs,
+              warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
+              Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
+    # Keep only this superclass's classifier rows: the deployed model answers among them alone.
+    specialised = StaticNet(ctx.space, arch, len(classes))
+    state = net.state_dict()
+    state["head.classifier.weight"] = state["head.classifier.weight"][cls_idx]
+    state["head.classifier.bias"] = state["head.classifier.bias"][cls_idx]
+    specialised.load_state_dict(state)
+    specialised = ctx.prepare_model(specialised).eval()
+    with autocast(ctx.device, p.runtime):
+        val = evaluate(specialised, ctx.batches("val"), ctx.meta, classes=classes)
+        test = evaluate(specialised, ctx.batches("test"), ctx.meta, classes=classes)
+    metrics = {"superclass": superclass, "budget": budget, "budget_unit": budget_unit(p), "arch": str(arch),
+               "madds": ctx.space.madds(arch, len(classes)), "init": cfg.init, "data": cfg.data,
+               "epochs": cfg.epochs, "train_seconds": round(res.seconds, 1), "device": str(ctx.device),
+               "val_top1": val["sc_top1_mean"], "test_top1": test["sc_top1_mean"],
+               "test_images_per_s": test["images_per_s"], "history": res.history}
+    save_specialized(out_path, specialised, ctx, p, arch, superclass, budget, classes, {"metrics": metrics})
+    atomic_write_json(metrics_path, metrics)
+    log(f"retrain {superclass} @ {budget:g}: {arch} test top-1 {test['sc_top1_mean']}")
+    return metrics
+
+
+# ---------------------------------------------------------------- profile-latency
+def profile_latency(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path,
+                    targets: list[str] | None = None) -> dict:
+    """A latency LUT per target: out_dir/<target>.json and a predicted-vs-measured out_dir/<target>.png.
+
+    Measures on the machine it runs on, so it must run on the target's hardware (KFP: the target's
+    latency.targets.<name>.kfp placement). Needs only the space and, from the prepared data, the image
+    size and number of classes. `targets` defaults to latency.target.
+    """
+    from tailor import latency
+    from tailor.latency_plot import plot_predicted_vs_measured
+
+    names = list(targets or p.latency.target)
+    for name in names:  # every name checked before minutes of measuring
+        latency.get_target(p.latency, name)
+    meta = Meta.load(data_dir)
+    space = SearchSpace(p.space, meta.image_size)
+    metrics = {}
+    for name in names:
+        lut = latency.profile(p.latency, name, space, len(meta.classes))
+        lut.update(provenance(p, "profile-latency"))
+        atomic_write_json(Path(out_dir) / f"{name}.json", lut)
+        plot_predicted_vs_measured(lut, Path(out_dir) / f"{name}.png")
+        metrics[name] = latency.summary(lut)
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+# ---------------------------------------------------------------- search
+def search_predictor(p: Params, data_dir: Path, supernet_path: Path, out_path: Path) -> dict:
+    """OFA's accuracy predictor: random subnets measured on every superclass, then an MLP fitted."""
+    from tailor.search.run import run_predictor
+
+    return run_predictor(p, data_dir, supernet_path, out_path)
+
+
+def search(p: Params, method: str, data_dir: Path, supernet_path: Path, out_path: Path,
+           predictor_path: Path | None = None, generator_out: Path | None = None,
+           superclasses: list[str] | None = None) -> dict:
+    """One search method (generator | random | evolution | nsga2) over the scenario grid -> out_path.
+
+    `superclasses` restricts the grid, so a pipeline can run one superclass per task (OFA-T, NSGA-II
+    and random search per superclass are independent) and merge the files with search_collect.
+    """
+    from tailor.search.run import run_search
+
+    return run_search(p, method, data_dir, supernet_path, out_path, predictor_path, generator_out, superclasses)
+
+
+def search_collect(p: Params, inputs: list[Path], results_path: Path, table_path: Path, metrics_path: Path) -> dict:
+    """Merge the methods' result files into results.json, a Markdown table and metrics."""
+    from tailor.search.run import collect
+
+    return collect(p, inputs, results_path, table_path, metrics_path)
+
+
+# ---------------------------------------------------------------- retrain: which architecture
+def choose_arch(p: Params, search_dir: Path, superclass: str, budget: float) -> Arch:
+    """The architecture to retrain for (superclass, budget).
+
+    The scenario's explicit `arch` in retrain.scenarios when it has one, else the one search method
+    retrain.method chose for the scenario in search_dir/results.json (written by search-collect).
+    """
+    for s in p.retrain.scenarios:
+        if s.arch and s.superclass == superclass and abs(s.budget - budget) <= 1e-9 * max(1.0, abs(budget)):
+            return Arch.parse(s.arch)
+    results = Path(search_dir) / "results.json"
+    if not results.is_file():
+        raise FileNotFoundError(
+            f"{results}: no search results, and retrain.scenarios gives no arch for {superclass}@{budget:g}; "
+            "run the search stages first (dvc repro search-collect), or pass --arch")
+    import json
+
+    from tailor.search.common import SearchError
+    from tailor.search.run import find_arch
+
+    unit = json.loads(results.read_text())["cost"]["unit"]
+    if unit != budget_unit(p):
+        raise SearchError(f"{results}: budgets are in {unit}, but retrain.scenarios budgets are in "
+                          f"{budget_unit(p)} (search.cost.kind {p.search.cost.kind!r})")
+    return Arch.parse(find_arch(results, p.retrain.method, superclass, budget))
+
+
+# ---------------------------------------------------------------- export
+class ExportError(ValueError):
+    """The export stage refused its input or its result (e.g. ONNX parity above tolerance)."""
+
+
+def _superclass_test(meta: Meta, x: "np.ndarray", y: "np.ndarray", superclass: str, class_names: list[str],
+                     source: str):
+    """Test images (uint8 NHWC) of one superclass and their targets as indices into class_names."""
+    import numpy as np
+
+    classes = meta.classes_of(meta.superclass_index(superclass))
+    names = [meta.classes[c] for c in classes]
+    if list(class_names) != names:
+        raise ExportError(f"{source}: classes {list(class_names)} differ from superclass {superclass!r}'s "
+                          f"classes in the data {names}: model and data do not belong together")
+    local = np.full(len(meta.classes), -1, np.int64)
+    local[classes] = np.arange(len(classes))
+    sel = local[y] >= 0
+    return np.ascontiguousarray(x[sel]), local[y[sel]]
+
+
+def _ort_top1(sess, images: "np.ndarray", targets: "np.ndarray", batch_size: int) -> float:
+    from tailor.export import INPUT_NAME, LOGITS_NAME
+
+    correct = 0
+    for i in range(0, len(images), batch_size):
+        (logits,) = sess.run([LOGITS_NAME], {INPUT_NAME: images[i:i + batch_size]})
+        correct += int((logits.argmax(1) == targets[i:i + batch_size]).sum())
+    return correct / max(1, len(images))
+
+
+def _ort_latency(sess, images: "np.ndarray", cfg) -> dict:
+    """Median onnxruntime wall time per call at each of cfg.latency_batch_sizes (real images,
+    repeated when a batch needs more than there are); calls another process preempted are
+    dropped as in profile-latency (tailor.latency)."""
+    import numpy as np
+
+    from tailor.export import INPUT_NAME, LOGITS_NAME, PROBS_NAME
+    from tailor.latency import _stats, _time_wall
+
+    out = {}
+    for b in cfg.latency_batch_sizes:
+        batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
+
+        def call(batch=batch):
+            return sess.run([LOGITS_NAME, PROBS_NAME], {INPUT_NAME: batch})
+
+        for _ in range(cfg.latency_warmup):
+            call()
+        out[f"batch_{b}"] = _stats(_time_wall(call, cfg.latency_repeats), discard_preempted=True)
+    return out
+
+
+def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | Path, metrics_path: Path,
+           onnx_dir: Path | None = None) -> dict:
+    """Retrained scenario checkpoints -> ONNX + a Triton model repository (local dir or s3://bucket/prefix).
+
+    Per model: ONNX with provenance metadata, parity against PyTorch on real test images of its
+    superclass (the stage fails above export.parity_tolerance), onnxruntime accuracy on the whole
+    superclass test split and CPU latency; then <repo>/<model>/{config.pbtxt,1/model.onnx,labels.txt}
+    with the model named after its scenario. The repository appears whole or not at all: built in
+    a temporary directory and renamed into place (locally) or uploaded as a complete-or-absent
+    prefix (S3). onnx_dir, when given, gets <model>.onnx copies.
+    """
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import onnxruntime
+
+    from tailor.export import export_onnx, parity, s3_client, triton_model_name, upload_repository, write_model
+    from tailor.export.onnx_export import ort_session
+
+    cfg = p.export
+    model_paths = [Path(m) for m in model_paths]
+    if not model_paths:
+        raise ExportError("export: no model checkpoints given")
+    repo_is_s3 = str(repo_out).startswith("s3://")
+    if repo_is_s3:
+        from tailor.export import parse_s3_url
+
+        parse_s3_url(str(repo_out))  # a bad URL fails before minutes of work
+    t0 = time.perf_counter()
+    meta = Meta.load(data_dir)
+    x_test, y_test = datamod.load_split(data_dir, "test")
+    export_version = code_version()
+    models: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="tailor-export-") as tmp:
+        staged_onnx = Path(tmp) / "onnx"
+        labels: dict[str, list[str]] = {}
+        for path in model_paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such model checkpoint (run `tailor retrain` for its scenario)")
+            net, ck = load_specialized(path)
+            m = ck.get("metrics", {})
+            unit = m.get("budget_unit", "MAdds")  # checkpoints from before budget_unit was recorded
+            name = triton_model_name(ck["superclass"], ck["budget"], unit)
+            if name in models:
+                raise ExportError(f"{path} and {models[name]['checkpoint']} are the same scenario ({name})")
+            images, targets = _superclass_test(meta, x_test, y_test, ck["superclass"], ck["class_names"], str(path))
+            metadata = {"model_name": name, "arch": ck["arch"], "superclass": ck["superclass"],
+                        "budget": repr(float(ck["budget"])), "budget_unit": unit,
+                        "classes": ",".join(ck["class_names"]), "test_top1": repr(m.get("test_top1")),
+                        "code_version": export_version, "model_code_version": ck["code_version"],
+                        "params_hash": fingerprint(ck["params"]), "checkpoint_hash": file_hash(path),
+                        "export_params_hash": fingerprint(cfg.model_dump(mode="json"))}
+            onnx_path = export_onnx(net, staged_onnx / f"{name}.onnx", ck["image_size"], ck["mean"], ck["std"],
+                                    cfg.opset, metadata)
+            rng = np.random.default_rng(p.seed)
+            pick = np.sort(rng.permutation(len(images))[:cfg.parity_images])
+            err = parity(onnx_path, net, images[pick])
+            sess = ort_session(onnx_path, cfg.intra_op_threads)
+            lat = _ort_latency(sess, images, cfg)
+            models[name] = {
+                "checkpoint": str(path), "superclass": ck["superclass"], "budget": ck["budget"], "budget_unit": unit,
+                "arch": ck["arch"], "madds": m.get("madds"), "classes": len(ck["classes"]),
+                "parity_max_abs": err, "parity_images": int(len(pick)), "parity_ok": err <= cfg.parity_tolerance,
+                "test_top1": m.get("test_top1"),
+                "onnx_test_top1": round(_ort_top1(sess, images, targets, cfg.max_batch_size), 5),
+                "test_images": int(len(images)), "onnx_bytes": onnx_path.stat().st_size,
+                "ort_cpu_latency_ms": {k: round(v["ms"], 4) for k, v in lat.items()},
+                "ort_cpu_latency_detail": lat}
+            labels[name] = list(ck["class_names"])
+            log(f"export {name}: parity {err:.2e}, onnxruntime top-1 {models[name]['onnx_test_top1']}, "
+                + ", ".join(f"{k} {v}ms" for k, v in models[name]["ort_cpu_latency_ms"].items()))
+
+        metrics = {"repository": str(repo_out), "opset": cfg.opset, "parity_tolerance": cfg.parity_tolerance,
+                   "max_parity_error": max(e["parity_max_abs"] for e in models.values()),
+                   "intra_op_threads": cfg.intra_op_threads, "onnxruntime": onnxruntime.__version__,
+                   "models": models}
+        bad = sorted(n for n, e in models.items() if not e["parity_ok"])
+        if bad:
+            metrics.update(passed=False, seconds=round(time.perf_counter() - t0, 2))
+            atomic_write_json(metrics_path, metrics)
+            raise ExportError(f"ONNX parity above export.parity_tolerance {cfg.parity_tolerance:g} for "
+                              + ", ".join(f"{n} ({models[n]['parity_max_abs']:.3g})" for n in bad))
+
+        def write_repo(root: Path) -> None:
+            for name in models:
+                write_model(root, name, staged_onnx / f"{name}.onnx", labels[name], cfg)
+
+        if repo_is_s3:
+            write_repo(Path(tmp) / "repo")
+            upload_repository(Path(tmp) / "repo", str(repo_out), s3_client(cfg.s3), overwrite=True)
+        else:
+            with atomic_dir(Path(repo_out)) as d:
+                write_repo(d)
+        if onnx_dir is not None:
+            with atomic_dir(Path(onnx_dir)) as d:
+                for name in models:
+                    shutil.copyfile(staged_onnx / f"{name}.onnx", d / f"{name}.onnx")
+    metrics.update(passed=True, seconds=round(time.perf_counter() - t0, 2))
+    atomic_write_json(metrics_path, metrics)
+    log(f"export: {len(models)} model(s) -> {repo_out}, max parity error {metrics['max_parity_error']:.2e}")
+    return metrics
+
+
+# ---------------------------------------------------------------- serve-check
+def _host_port(url: str, option: str) -> str:
+    """tritonclient's 'host:port' from 'http://host:port', 'grpc://host:port' or 'host:port'."""
+    from urllib.parse import urlparse
+
+    text = url if "://" in url else f"tcp://{url}"
+    u = urlparse(text)
+    if u.scheme not in ("http", "grpc", "tcp") or not u.hostname or not u.port or u.path not in ("", "/"):
+        raise ValueError(f"{option} {url!r}: expected host:port or http://host:port (TLS is not supported)")
+    return f"{u.hostname}:{u.port}"
+
+
+def _repository_models(repo: Path) -> list[Path]:
+    dirs = sorted(d for d in repo.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "config.pbtxt").is_file())
+    if not dirs:
+        raise FileNotFoundError(f"{repo}: no models (no <model>/config.pbtxt); run `tailor export` first")
+    return dirs
+
+
+def serve_check(p: Params, repo: str | Path, data_dir: Path, metrics_path: Path, url: str | None = None,
+                grpc_url: str | None = None, work_dir: Path | None = None) -> dict:
+    """Check that Triton serves the exported repository as exported: accuracy, labels, latency.
+
+    With `url` (HTTP) and/or `grpc_url`, a running Triton that serves `repo` is checked over the
+    protocols of serve.protocols that have a URL. Without either, the nvidia-pytriton wheel's
+    tritonserver is started on 127.0.0.1 (free ports, explicit model control) over the
+    python-backend twins of the repository's models (see docs/serving.md). Per model: load, the
+    served config against the exported one, the superclass's real test images (top-1 against the
+    same model.onnx run by onnxruntime here on the same images, and the served labels), latency
+    percentiles and throughput per concurrency, unload. The metrics are written also when the
+    check fails; then ServeCheckError is raised.
+    """
+    import tempfile
+
+    import numpy as np
+
+    from tailor.export import python_backend_twin, read_config, read_signature
+    from tailor.export.onnx_export import ort_session
+    from tailor.serve import ServeCheckError, serve_check as check_model
+
+    cfg = p.serve
+    urls = {k: _host_port(v, opt) for k, v, opt in (("http", url, "--url"), ("grpc", grpc_url, "--grpc-url")) if v}
+    protocols = [pr for pr in cfg.protocols if pr in urls] if urls else list(cfg.protocols)
+    if urls and not protocols:
+        raise ValueError(f"serve.protocols is {cfg.protocols}, but URLs were given only for {sorted(urls)}")
+    t0 = time.perf_counter()
+    meta = Meta.load(data_dir)
+    x_test, y_test = datamod.load_split(data_dir, "test")
+    metrics: dict = {"repository": str(repo), "protocols": protocols, "models": {}, "problems": []}
+    problems = metrics["problems"]
+    with tempfile.TemporaryDirectory(prefix="tailor-serve-check-", dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        repo_dir = Path(repo)
+        if str(repo).startswith("s3://"):
+            from tailor.export import download_repository, s3_client
+
+            repo_dir = tmp / "repository"
+            download_repository(str(repo), repo_dir, s3_client(p.export.s3))
+        elif not repo_dir.is_dir():
+            raise FileNotFoundError(f"{repo}: no such model repository (run `tailor export` first)")
+        # Everything about each model comes from the repository itself (ONNX metadata, labels.txt),
+        # and its images from the data: a repository that does not match the data is refused here.
+        plan = {}
+        for model_dir in _repository_models(repo_dir):
+            onnx_path = model_dir / "1" / "model.onnx"
+            info = read_signature(onnx_path).metadata
+            if "superclass" not in info:
+                raise ValueError(f"{onnx_path}: no 'superclass' in its metadata; was it written by `tailor export`?")
+            labels = (model_dir / "labels.txt").read_text().splitlines()
+            images, targets = _superclass_test(meta, x_test, y_test, info["superclass"], labels, str(model_dir))
+            if len(images) > cfg.max_images:  # a seeded sample over all classes, not the first classes only
+                keep = np.sort(np.random.default_rng(p.seed).permutation(len(images))[:cfg.max_images])
+                images, targets = images[keep], targets[keep]
+            offline = _ort_top1(ort_session(onnx_path), images, targets, cfg.batch_size)
+            test_top1 = info.get("test_top1")
+            plan[model_dir.name] = dict(dir=model_dir, labels=labels, images=images, targets=targets, offline=offline,
+                                        superclass=info["superclass"],
+                                        retrain_test_top1=None if test_top1 in (None, "None") else float(test_top1))
+
+        server = None
+        try:
+            if urls:
+                metrics["server"] = {"mode": "external", "urls": urls}
+            else:
+                from tailor.serve_local import TritonServer
+
+                twins = tmp / "twins"
+                for entry in plan.values():
+                    python_backend_twin(entry["dir"], twins)
+                server = TritonServer(str(twins), tmp / "server")
+                urls = server.urls
+                metrics["server"] = {"mode": "bundled tritonserver (nvidia-pytriton), python-backend twins",
+                                     "urls": urls}
+            metrics["server"]["version"] = _server_version(urls)
+            run_cfg = cfg.model_copy(update={"protocols": protocols})
+            for name, entry in plan.items():
+                m = {"superclass": entry["superclass"], "images": int(len(entry["images"])),
+                     "offline_source": "the repository's model.onnx, onnxruntime CPU, same images",
+                     "retrain_test_top1": entry["retrain_test_top1"]}
+                try:
+                    m.update(check_model(urls, name, entry["images"], entry["targets"], entry["offline"], run_cfg,
+                                         class_names=entry["labels"], expected_config=read_config(entry["dir"])))
+                except ServeCheckError as e:
+                    m.update(e.metrics)
+                    problems.append(str(e))
+                m["latency_summary"] = {
+                    pr: {f"c{lv['concurrency']}": {k: lv[k] for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_img_per_s")}
+                         for lv in pm.get("latency", [])}
+                    for pr, pm in m.get("protocols", {}).items()}
+                metrics["models"][name] = m
+                log(f"serve-check {name}: " + ", ".join(
+                    f"{pr} top-1 {pm.get('accuracy')} (offline {entry['offline']:.4f})"
+                    for pr, pm in m.get("protocols", {}).items()))
+        except Exception as e:  # the server would not start, died, ...: still write what is known
+            problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            if server is not None:
+                if problems:
+                    metrics["server"]["log_tail"] = server.log_tail(3000)
+                server.stop()
+    metrics["passed"] = not problems
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(metrics_path, metrics)
+    if problems:
+        raise ServeCheckError("; ".join(problems), metrics)
+    log(f"serve-check: {len(plan)} model(s) passed over {', '.join(protocols)}")
+    return metrics
+
+
+def _server_version(urls: dict[str, str]) -> str | None:
+    try:
+        if "http" in urls:
+            import tritonclient.http as client
+
+            with client.InferenceServerClient(urls["http"], connection_timeout=10, network_timeout=10) as c:
+                return c.get_server_metadata().get("version")
+        import tritonclient.grpc as client
+
+        with client.InferenceServerClient(urls["grpc"]) as c:
+            return c.get_server_metadata(as_json=True, client_timeout=10).get("version")
+    except Exception:  # noqa: BLE001  (informational; readiness is checked by serve-check itself)
+        return None
