@@ -170,6 +170,16 @@ def serve_check(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = Non
         raise typer.Exit(1) from None
 
 
+@app.command("report")
+def report(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+           metrics_dir: Path = Path("metrics"), search_table: Path = Path("search/table.md"),
+           out: Path = Path("reports/report.md"), summary: Path = Path("metrics/report.json")):
+    """One Markdown report from every stage's metrics."""
+    from tailor import stages
+
+    stages.report(_params(params, preset), metrics_dir, search_table, out, summary)
+
+
 def main() -> None:
     """Entry point: known input errors become one line on stderr and exit status 2."""
     from tailor.config import ParamsError

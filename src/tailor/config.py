@@ -140,7 +140,7 @@ class PhaseConfig(Strict):
 class SupernetConfig(Strict):
     phases: list[PhaseConfig] = Field(min_length=1)
     subnets_per_step: int = Field(ge=1)
-    # Sandwich rule: each step's subnets include the largest (and, from the second on, the smallest).
+    # Sandwich rule: each step's subnets include the largest (and, with >= 3 per step, the smallest).
     sandwich: bool
     kd_weight: float = Field(ge=0)
     kd_temperature: float = Field(gt=0)
@@ -320,6 +320,9 @@ class SearchConfig(Strict):
     budgets: SearchBudgets
     cost: SearchCost
     slack: float = Field(ge=0, lt=1)  # every result is snapped into [(1 - slack) B, B]
+    # BN recalibration batches (of runtime.bn_recal_batch_size) per scored architecture: fewer than
+    # the training stages use, since a search scores hundreds of architectures.
+    recal_batches: int = Field(ge=1)
     generator: GeneratorConfig
     random: RandomSearchConfig
     predictor: PredictorConfig

@@ -1,0 +1,14 @@
+from kfp.dsl import Dataset, Metrics, Output
+
+from components.base import tailor_component
+from components.runtime import load_params, log_metrics  # embedded in the component too
+
+
+@tailor_component
+def prepare_data(params_yaml: str, data: Output[Dataset], metrics: Output[Metrics]):
+    """prepare-data: train / val / test splits and the class and superclass tables."""
+    from pathlib import Path
+
+    from tailor import stages
+
+    log_metrics(metrics, stages.prepare_data(load_params(params_yaml), Path(data.path), Path(metrics.path)))

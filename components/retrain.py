@@ -1,0 +1,20 @@
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.base import tailor_component
+from components.runtime import load_params, log_metrics, work_dir  # embedded in the component too
+
+
+@tailor_component
+def retrain(params_yaml: str, scenario: str, data: Input[Dataset], supernet: Input[Model],
+            search: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
+    """retrain for one scenario ("<superclass>@<budget>"): its architecture (the explicit one in
+    retrain.scenarios, else the search's pick), trained for that superclass's classes."""
+    from pathlib import Path
+
+    from tailor import stages
+
+    p, (superclass, budget) = load_params(params_yaml), scenario.rsplit("@", 1)
+    log_metrics(metrics, stages.retrain(p, Path(data.path), Path(supernet.path), superclass, float(budget),
+                                        stages.choose_arch(p, Path(search.path), superclass, float(budget)),
+                                        Path(model.path), Path(metrics.path),
+                                        work_dir("retrain", params_yaml, data, supernet, search, scenario)))

@@ -1,0 +1,99 @@
+"""Helpers embedded into every component (kfp `additional_funcs`): their source is copied into the
+component, so each must import what it uses inside its own body and call nothing else from here.
+"""
+
+
+def load_params(params_yaml: str, luts=None):
+    """The run's params (params.yaml content, presets already merged), validated like the CLI's.
+
+    `luts`: the profile-latency artifact of the search's cost target; search.cost.lut (a path in the
+    DVC layout, latency/<target>.json) is pointed at that table inside it.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from tailor.config import ParamsError, params_from_dict
+
+    source = "pipeline parameter params_yaml"
+    try:
+        raw = yaml.safe_load(params_yaml)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    lut = ((raw.get("search") or {}).get("cost") or {}).get("lut")
+    if luts is not None and lut:
+        raw["search"]["cost"]["lut"] = str(Path(luts.path) / Path(lut).name)
+    return params_from_dict(raw, source=source)
+
+
+def log_metrics(artifact, metrics: dict, prefix: str = "") -> int:
+    """Log every numeric leaf of a stage's metrics dict on a KFP Metrics artifact.
+
+    Nested keys are joined with '.', e.g. 'subnets.max.val_sc_top1_mean'. Lists (training history)
+    and strings stay in the stage's JSON file, which is the artifact's content (written here when
+    the stage wrote none). Returns the count.
+    """
+    import json
+    import math
+    import os
+
+    n = 0
+
+    def walk(value, key):
+        nonlocal n
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            artifact.log_metric(key, float(value))
+            n += 1
+
+    walk(metrics, prefix)
+    if not os.path.exists(artifact.path):
+        os.makedirs(os.path.dirname(artifact.path) or ".", exist_ok=True)
+        with open(artifact.path, "w") as f:
+            json.dump(metrics, f, indent=1)
+    return n
+
+
+def work_dir(stage: str, params_yaml: str, *inputs):
+    """Where a training stage keeps its resumable checkpoint.
+
+    Under $TAILOR_CHECKPOINT_ROOT (a volume that outlives the pod, see pipelines/tailor_pipeline.py)
+    the folder is keyed by the stage, the params and its inputs (artifact URIs or strings), so a
+    retried task finds its own checkpoint again and no other run's. Without it: a fresh temp dir.
+    """
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    root = os.environ.get("TAILOR_CHECKPOINT_ROOT")
+    if not root:
+        return Path(tempfile.mkdtemp(prefix=f"tailor-{stage}-"))
+    parts = [stage, params_yaml, *(getattr(a, "uri", None) or str(a) for a in inputs)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return Path(root) / stage / key
+
+
+def check_placement(p, target: str, placement_json: str) -> None:
+    """Refuse to profile when the run's params place `target` elsewhere than the compiled pipeline did.
+
+    A profiling step is pinned (node selector, accelerator, CPU) when the pipeline is compiled, from
+    the compile-time params; a run whose params_yaml disagrees would measure the wrong machine and
+    label the table with the right name.
+    """
+    import json
+
+    from tailor.config import ParamsError
+
+    source = "pipeline parameter params_yaml"
+    hint = "compile the pipeline for these params: python -m pipelines.compile --params ... --preset ... --out ..."
+    if target not in p.latency.targets:
+        raise ParamsError(f"{source}: latency.targets has no {target!r}, which the pipeline profiles; {hint}")
+    have, compiled = p.latency.targets[target].kfp.model_dump(mode="json"), json.loads(placement_json)
+    if have != compiled:
+        raise ParamsError(f"{source}: latency.targets.{target}.kfp is {have}, but the pipeline was compiled "
+                          f"to run this step on {compiled}; {hint}")

@@ -1,0 +1,84 @@
+"""(Re)compile the pipeline to IR YAML, or check that the committed YAML is current.
+
+    python -m pipelines.compile                 # writes pipelines/tailor_pipeline.yaml
+    python -m pipelines.compile --check         # exit 1 when the committed YAML is stale
+    TAILOR_IMAGE=reg/tailor:0.1.0-cpu TAILOR_GPU_IMAGE=reg/tailor:0.1.0-cuda \
+        python -m pipelines.compile --out my.yaml --checkpoint-pvc tailor-ckpt --s3-secret s3-creds \
+        --preset configs/tin-sc10.yaml
+
+The committed YAML is always compiled with the default options (image names from
+components.base, no checkpoint volume); --check ignores TAILOR_IMAGE / TAILOR_GPU_IMAGE.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from kfp import compiler
+
+from pipelines import tailor_pipeline as tp
+
+COMMITTED = Path(__file__).with_name("tailor_pipeline.yaml")
+
+
+def compile_pipeline(out: str | Path, opts: tp.Options = tp.DEFAULT_OPTIONS) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(pipeline_func=tp.build(opts), package_path=str(out))
+    return out
+
+
+def normalise(text: str) -> str:
+    """The compiled text minus what changes without the pipeline changing (the SDK version stamp)."""
+    return re.sub(r"(?m)^(\s*)sdkVersion: .*$", r"\1sdkVersion: <normalised>", text)
+
+
+def stale(committed: Path = COMMITTED) -> str | None:
+    """None when `committed` equals a fresh default compile, else why not."""
+    if not committed.exists():
+        return f"{committed} does not exist"
+    with tempfile.TemporaryDirectory() as d:
+        fresh = compile_pipeline(Path(d) / "fresh.yaml").read_text()
+    if normalise(fresh) != normalise(committed.read_text()):
+        return f"{committed} differs from a fresh compile"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.compile", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=COMMITTED)
+    ap.add_argument("--check", action="store_true", help="compare the committed YAML with a fresh compile")
+    ap.add_argument("--checkpoint-pvc", help="PVC mounted on training steps so retries resume")
+    ap.add_argument("--accelerator", default=tp.Options.accelerator)
+    ap.add_argument("--no-gpu-toleration", action="store_true")
+    ap.add_argument("--s3-secret", help="Kubernetes secret with AWS_* keys for export / serve-check")
+    ap.add_argument("--parallelism", type=int, default=tp.Options.parallelism,
+                    help="ParallelFor iterations at once (per-superclass searches, retrain)")
+    ap.add_argument("--params", type=Path, default=tp.Options.params,
+                    help="params whose latency targets shape the DAG (default: params.yaml)")
+    ap.add_argument("--preset", type=Path, action="append", default=[], help="overlay merged over --params")
+    a = ap.parse_args(argv)
+    if a.check:
+        why = stale(a.out)
+        if why:
+            print(f"{why}: run `python -m pipelines.compile`", file=sys.stderr)
+            return 1
+        print(f"{a.out} is current")
+        return 0
+    opts = tp.Options(accelerator=a.accelerator, gpu_toleration=not a.no_gpu_toleration,
+                      checkpoint_pvc=a.checkpoint_pvc, s3_secret=a.s3_secret, parallelism=a.parallelism,
+                      params=a.params.resolve(), presets=tuple(x.resolve() for x in a.preset))
+    if a.out.resolve() == COMMITTED.resolve() and opts != tp.DEFAULT_OPTIONS:
+        print(f"{COMMITTED} holds the default compile; write non-default options elsewhere with --out",
+              file=sys.stderr)
+        return 2
+    print(compile_pipeline(a.out, opts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

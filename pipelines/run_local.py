@@ -1,0 +1,65 @@
+"""Run the whole pipeline on this machine with kfp.local, every component in this Python environment.
+
+    python -m pipelines.run_local --root runs/kfp-local [--params params.yaml] [--preset configs/x.yaml]
+
+kfp.local's SubprocessRunner(use_venv=False) executes each component as a subprocess of the current
+interpreter (so the installed `tailor` is used, no image is pulled), handles ParallelFor and
+dsl.Collected, and ignores Kubernetes settings (resources, GPUs, tolerations, volumes). Artifacts
+land under <root>/<run>/<task>/<output>; checkpoints under <root>/checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from kfp import local
+
+from pipelines import tailor_pipeline as tp
+
+
+def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False) -> Path:
+    """Run the pipeline on `params_yaml`; returns the run's directory under `root`. Raises on failure.
+
+    enable_caching: kfp.local's task cache under <root>/.kfp_cache, keyed like the cluster's (component,
+    image, command, inputs): a second run with the same params reuses every step that allows caching.
+    """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {d for d in root.iterdir() if d.is_dir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
+               enable_caching=enable_caching)
+    old = os.environ.get("TAILOR_CHECKPOINT_ROOT")
+    os.environ["TAILOR_CHECKPOINT_ROOT"] = str(root / "checkpoints")  # inherited by the component subprocesses
+    try:
+        with warnings.catch_warnings():
+            # The runner warns that the (parameterised) image name is not a Python image: it uses no image.
+            warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
+            tp.tailor_pipeline(params_yaml=params_yaml)
+    finally:
+        if old is None:
+            os.environ.pop("TAILOR_CHECKPOINT_ROOT", None)
+        else:
+            os.environ["TAILOR_CHECKPOINT_ROOT"] = old
+    new = [d for d in root.iterdir() if d.is_dir() and d not in before and d.name.startswith(tp.PIPELINE_NAME)]
+    if len(new) != 1:
+        raise RuntimeError(f"expected one new run directory under {root}, found {sorted(map(str, new))}")
+    return new[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipelines.run_local", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("runs/kfp-local"))
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--preset", type=Path, action="append", default=[])
+    ap.add_argument("--cache", action="store_true", help="reuse unchanged steps of earlier runs under --root")
+    a = ap.parse_args(argv)
+    print(run_local(tp.arguments(a.params, a.preset)["params_yaml"], a.root, a.cache))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

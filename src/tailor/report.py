@@ -1,0 +1,146 @@
+"""The report stage: one Markdown page (and a metrics summary) from every stage's metrics files.
+
+It only reads what the stages wrote; a stage whose metrics are absent is listed as not run, so
+the report also works for partial DAGs (e.g. `dvc repro train-supernet` then `tailor report`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _scalars(d: dict, prefix: str = "") -> list[list]:
+    """Flatten the scalar leaves of a metrics dict (lists and long histories left out)."""
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += _scalars(v, f"{prefix}{k}.")
+        elif isinstance(v, (int, float)) or (isinstance(v, str) and len(v) < 80):
+            rows.append([f"{prefix}{k}", round(v, 5) if isinstance(v, float) else v])
+    return rows
+
+
+def subnet_section(title: str, m: dict) -> tuple[str, dict]:
+    rows, summary = [], {}
+    for name, s in m["subnets"].items():
+        rows.append([name, s["madds_m"], _pct(s["val_sc_top1_mean"]), _pct(s["test_sc_top1_mean"]),
+                     _pct(s["test_top1"]), s["test_images_per_s"]])
+        summary[name] = {"madds_m": s["madds_m"], "test_sc_top1_mean": s["test_sc_top1_mean"]}
+    text = [f"## {title}", f"{m['epochs']} epochs, {m['train_seconds']} s of training on {m['device']}.", "",
+            _table(["subnet", "MAdds (M)", "val sc-top-1", "test sc-top-1", "test all-class top-1", "test images/s"],
+                   rows)]
+    ordered = sorted(summary.values(), key=lambda s: s["madds_m"])
+    if len(ordered) > 1:
+        accs = [s["test_sc_top1_mean"] for s in ordered]
+        monotone = all(a < b for a, b in zip(accs, accs[1:]))
+        text += ["", f"Larger subnets are {'' if monotone else 'NOT '}more accurate here "
+                     f"(test superclass-restricted top-1 {' < '.join(_pct(a) for a in accs)} by MAdds)."]
+        summary["larger_is_more_accurate"] = monotone
+    return "\n".join(text), summary
+
+
+def build_report(metrics_dir: Path, search_table: Path | None) -> tuple[str, dict]:
+    metrics_dir = Path(metrics_dir)
+    parts = ["# tailor report", ""]
+    summary: dict = {}
+    missing = []
+
+    data = _load(metrics_dir / "data.json")
+    if data:
+        parts += ["## Data", _table(["source", "classes", "superclasses", "train", "val", "test", "size"],
+                                    [[data["source"], data["classes"], data["superclasses"], data["train_images"],
+                                      data["val_images"], data["test_images"], data["image_size"]]]), ""]
+    for stage, title in (("teacher", "Teacher (largest network, trained alone)"),
+                         ("supernet", "Supernet subnets (BN recalibrated; superclass-restricted top-1)")):
+        m = _load(metrics_dir / f"{stage}.json")
+        if m:
+            text, summary[stage] = subnet_section(title, m)
+            parts += [text, ""]
+        else:
+            missing.append(stage)
+
+    lat = _load(metrics_dir / "latency.json")
+    if lat:
+        parts += ["## Latency lookup table", _table(["metric", "value"], _scalars(lat)), ""]
+    else:
+        missing.append("profile-latency")
+
+    search = _load(metrics_dir / "search.json")
+    if search and search_table and Path(search_table).exists():
+        parts += ["## Search: one architecture per scenario", Path(search_table).read_text().strip(), ""]
+        summary["search"] = {k: v.get("mean_val_acc") for k, v in search.get("methods", {}).items()}
+    else:
+        missing.append("search")
+
+    retrains = sorted((metrics_dir / "retrain").glob("*.json")) if (metrics_dir / "retrain").is_dir() else []
+    if retrains:
+        rows = []
+        for f in retrains:
+            r = json.loads(f.read_text())
+            rows.append([r["superclass"], f"{r['budget']:g}", r["arch"], f"{r['madds'] / 1e6:.2f}", r["init"],
+                         r["data"], r["epochs"], _pct(r["val_top1"]), _pct(r["test_top1"]), r["train_seconds"]])
+        parts += ["## Retrained specialised networks (classifier over the superclass's classes only)",
+                  _table(["superclass", "budget", "arch", "MAdds (M)", "init", "data", "epochs", "val top-1",
+                          "test top-1", "train s"], rows), ""]
+    else:
+        missing.append("retrain")
+
+    export = _load(metrics_dir / "export.json")
+    if export:
+        rows = [[name, f"{m['parity_max_abs']:.2e}", _pct(m.get("test_top1")), _pct(m.get("onnx_test_top1")),
+                 ", ".join(f"{k}: {v} ms" for k, v in m.get("ort_cpu_latency_ms", {}).items()), m["onnx_bytes"]]
+                for name, m in export["models"].items()]
+        parts += [f"## Export (ONNX opset {export['opset']}, onnxruntime {export['onnxruntime']}; "
+                  f"repository `{export['repository']}`)",
+                  _table(["Triton model", "parity max abs", "test top-1 (torch)", "test top-1 (onnx)",
+                          "onnxruntime CPU latency (median)", "bytes"], rows), ""]
+        summary["export"] = {"max_parity_error": export["max_parity_error"], "passed": export.get("passed")}
+    else:
+        missing.append("export")
+
+    serve = _load(metrics_dir / "serve.json")
+    if serve:
+        rows = []
+        for name, m in serve["models"].items():
+            for proto, r in m.get("protocols", {}).items():
+                lat1 = (r.get("latency") or [{}])
+                best = max(lat1, key=lambda x: x.get("throughput_img_per_s", 0)) if lat1 else {}
+                rows.append([name, proto, _pct(m.get("offline_accuracy")), _pct(r.get("accuracy")),
+                             lat1[0].get("p50_ms") and round(lat1[0]["p50_ms"], 2),
+                             lat1[0].get("p99_ms") and round(lat1[0]["p99_ms"], 2),
+                             best.get("throughput_img_per_s") and round(best["throughput_img_per_s"], 1),
+                             best.get("concurrency")])
+        parts += ["## Serve-check (live Triton)", _table(
+            ["model", "protocol", "offline acc", "served acc", "p50 ms (c=1)", "p99 ms (c=1)", "best img/s",
+             "at concurrency"], rows), ""]
+    else:
+        missing.append("serve-check")
+
+    if missing:
+        parts += ["## Not run", ", ".join(missing), ""]
+    summary["missing"] = missing
+    return "\n".join(parts), summary
+
+
+def report(metrics_dir: Path, search_table: Path | None, out_md: Path, summary_path: Path, provenance: dict) -> dict:
+    from tailor.utils import atomic_write_json, atomic_write_text
+
+    text, summary = build_report(metrics_dir, search_table)
+    text += f"\n---\ncode version `{provenance['code_version']}`\n"
+    atomic_write_text(out_md, text)
+    atomic_write_json(summary_path, {**summary, "code_version": provenance["code_version"]})
+    return summary

@@ -1,0 +1,474 @@
+"""What every search method shares: scenarios, cost models, budget snapping, architecture
+operators, and the supernet validation accuracy that all methods are judged by.
+
+A scenario is (superclass, budget). Every method returns one architecture per scenario, snapped
+into the window [(1 - slack) B, B] so that methods are compared at matched budgets (a method must
+not win by spending less or more than the budget allows).
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tailor.config import Params, SearchBudgets, SearchCost
+from tailor.cost import SlotCostModel, madds_cost_model
+from tailor.space import Arch, SearchSpace
+
+
+class SearchError(ValueError):
+    """A scenario cannot be searched (budget outside the space's range, unknown superclass, ...)."""
+
+
+# ---------------------------------------------------------------- cost models
+def make_cost_model(cfg: SearchCost, space: SearchSpace, num_classes: int) -> SlotCostModel:
+    """The model budgets are measured in: analytic MAdds, or a profiled latency table (ms)."""
+    if cfg.kind == "madds":
+        return madds_cost_model(space, num_classes)
+    from tailor.latency import load_latency_model
+
+    return load_latency_model(cfg.lut, space, num_classes)
+
+
+def params_cost_model(space: SearchSpace, num_classes: int) -> SlotCostModel:
+    """Parameter count in the slot-table form (NSGA-II's third objective), counted on real modules.
+
+    Counting the modules rather than re-deriving a formula keeps it exact by construction; BN
+    running buffers are not parameters and are not counted.
+    """
+    from tailor.nets import MBConv, StaticNet
+    from tailor.space import mid_channels
+
+    c = space.cfg
+    table = torch.zeros(space.n_units, space.max_depth, len(c.kernels), len(c.expands), dtype=torch.float64)
+    for i, (cin, cout, s, _) in enumerate(space.unit_geometry()):
+        for j in range(space.max_depth):
+            bcin, bs = (cin, s) if j == 0 else (cout, 1)
+            for a, k in enumerate(c.kernels):
+                for b, e in enumerate(c.expands):
+                    blk = MBConv(bcin, cout, bs, k, mid_channels(bcin, e), c.se[i], c.activations[i])
+                    table[i, j, a, b] = sum(q.numel() for q in blk.parameters())
+    net = StaticNet(space, space.min_arch, num_classes)
+    fixed = sum(q.numel() for q in net.parameters()) - sum(q.numel() for q in net.blocks.parameters())
+    return SlotCostModel("params", float(fixed), table, list(c.kernels), list(c.expands), min(c.depths))
+
+
+def cheapest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
+    """The architecture of lowest cost the table allows (min_arch for MAdds; a LUT may differ)."""
+    c, t = space.cfg, cost.table
+    units = []
+    for i in range(space.n_units):
+        blocks = []
+        for j in range(min(c.depths)):
+            flat = int(torch.argmin(t[i, j]))
+            blocks.append((c.kernels[flat // len(c.expands)], c.expands[flat % len(c.expands)]))
+        units.append(tuple(blocks))
+    return Arch(tuple(units))
+
+
+# ---------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    superclass: str
+    sc: int          # superclass index in the dataset
+    budget: float    # in the cost model's unit
+    spec: float      # the value params gave (a fraction or the absolute budget)
+
+    @property
+    def key(self) -> str:
+        return f"{self.superclass}@{self.budget:.12g}"
+
+
+def resolve_budgets(cfg: SearchBudgets, cost: SlotCostModel, where: str = "search.budgets") -> list[tuple[float, float]]:
+    """[(budget in the cost unit, value as given)], or one SearchError naming every bad value."""
+    low, high = cost.low_high
+    out, bad = [], []
+    for v in cfg.values:
+        if cfg.kind == "fraction":
+            if not 0 <= v <= 1:
+                bad.append(f"{v} (fractions lie in [0, 1])")
+                continue
+            out.append((low + v * (high - low), v))
+        else:
+            if not low <= v <= high:
+                bad.append(f"{v:.6g}")
+                continue
+            out.append((float(v), v))
+    if bad:
+        raise SearchError(f"{where}.values: {', '.join(bad)} outside the space's {cost.unit} range "
+                          f"[{low:.6g}, {high:.6g}] (kind {cfg.kind!r}; cheapest and dearest architectures)")
+    return out
+
+
+def check_budget(budget: float, cost: SlotCostModel) -> None:
+    low, high = cost.low_high
+    if not low <= budget <= high:
+        raise SearchError(f"budget {budget:.6g} {cost.unit} is outside the space's range [{low:.6g}, {high:.6g}]")
+
+
+def scenario_grid(p: Params, superclass_names: list[str], cost: SlotCostModel,
+                  only: list[str] | None = None) -> list[Scenario]:
+    """Superclasses (params, or `only`) x budgets, in params order."""
+    names = only or p.search.superclasses or superclass_names
+    unknown = [n for n in names if n not in superclass_names]
+    if unknown:
+        src = "--superclass" if only else "search.superclasses"
+        raise SearchError(f"{src}: unknown superclass(es) {unknown}; the dataset has {superclass_names}")
+    budgets = resolve_budgets(p.search.budgets, cost)
+    return [Scenario(n, superclass_names.index(n), b, v) for n in names for b, v in budgets]
+
+
+# ---------------------------------------------------------------- architecture operators
+Units = list[list[list[int]]]  # mutable form: units -> blocks -> [kernel, expand]
+
+
+def _mutable(arch: Arch) -> Units:
+    return [[[k, e] for k, e in unit] for unit in arch.units]
+
+
+def _frozen(units: Units) -> Arch:
+    return Arch(tuple(tuple((k, e) for k, e in unit) for unit in units))
+
+
+class Snapper:
+    """Greedy elasticity scaling (TF-NAS) into [(1 - slack) B, B], one primitive at a time.
+
+    Over budget: take the single change (kernel or expand one level, a block dropped or added)
+    that lands highest inside the window if one does, else the one that lowers the cost least,
+    so the architecture keeps as much of its shape as it can. Under the window: the change that
+    raises the cost most without passing B. Moves are chosen by their cost effect, not by their
+    direction, so a latency table that is not monotone in kernel or expand still converges
+    (every move strictly lowers, then strictly raises, the cost). Cost changes are table deltas,
+    so a step costs a few microseconds per neighbour.
+    """
+
+    def __init__(self, space: SearchSpace, cost: SlotCostModel, slack: float):
+        self.space, self.cost, self.slack = space, cost, slack
+        c = space.cfg
+        self.kernels, self.expands = list(c.kernels), list(c.expands)
+        self.dmin, self.dmax = min(c.depths), max(c.depths)
+        # Scaled entries indexed [unit][slot][kernel index][expand index]; blocks are held as index pairs.
+        self.rows = (cost.table * cost.scale).tolist()
+        self.ki = {k: i for i, k in enumerate(self.kernels)}
+        self.ei = {e: i for i, e in enumerate(self.expands)}
+        self.floor = cheapest_arch(space, cost)
+
+    def moves(self, units: list[list[list[int]]]) -> list[tuple[float, tuple]]:
+        """(cost delta, move) for every one-primitive change of `units` (index form)."""
+        out = []
+        nk, ne = len(self.kernels), len(self.expands)
+        for i, unit in enumerate(units):
+            ri = self.rows[i]
+            for j, (a, b) in enumerate(unit):
+                row = ri[j]
+                base = row[a][b]
+                if a > 0:
+                    out.append((row[a - 1][b] - base, (0, i, j, a - 1)))
+                if a + 1 < nk:
+                    out.append((row[a + 1][b] - base, (0, i, j, a + 1)))
+                if b > 0:
+                    out.append((row[a][b - 1] - base, (1, i, j, b - 1)))
+                if b + 1 < ne:
+                    out.append((row[a][b + 1] - base, (1, i, j, b + 1)))
+            d = len(unit)
+            a, b = unit[-1]
+            if d > self.dmin:
+                out.append((-ri[d - 1][a][b], (2, i, 0, 0)))
+            if d < self.dmax:
+                # A new last block either repeats the current last one or is the smallest choice.
+                out.append((ri[d][a][b], (3, i, a, b)))
+                if (a, b) != (0, 0):
+                    out.append((ri[d][0][0], (3, i, 0, 0)))
+        return out
+
+    @staticmethod
+    def _apply(units: list[list[list[int]]], move: tuple) -> None:
+        kind, i, a, b = move
+        if kind == 0:
+            units[i][a][0] = b
+        elif kind == 1:
+            units[i][a][1] = b
+        elif kind == 2:
+            units[i].pop()
+        else:
+            units[i].append([a, b])
+
+    def _index_form(self, arch: Arch) -> list[list[list[int]]]:
+        return [[[self.ki[k], self.ei[e]] for k, e in unit] for unit in arch.units]
+
+    def __call__(self, arch: Arch, budget: float) -> Arch:
+        lo = (1 - self.slack) * budget
+        units = self._index_form(arch)
+        c = self.cost.cost(arch)
+        eps = 1e-9 * max(1.0, abs(budget))
+        hi = budget + eps
+        while c > hi:
+            down = [t for t in self.moves(units) if t[0] < 0]
+            if not down:  # a local minimum of a non-monotone table: restart from the cheapest arch
+                units, c = self._index_form(self.floor), self.cost.cost(self.floor)
+                break
+            inside = [t for t in down if lo <= c + t[0] <= hi]
+            d, m = max(inside or down, key=lambda t: t[0])
+            self._apply(units, m)
+            c += d
+        while c < lo - eps:
+            up = [t for t in self.moves(units) if 0 < t[0] and c + t[0] <= hi]
+            if not up:
+                break  # no single change fits: within budget, below the window
+            d, m = max(up, key=lambda t: t[0])
+            self._apply(units, m)
+            c += d
+        ks, es = self.kernels, self.expands
+        return Arch(tuple(tuple((ks[a], es[b]) for a, b in unit) for unit in units))
+
+
+def sample_within(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, rng: random.Random,
+                  max_tries: int) -> Arch:
+    """A uniform architecture that fits the budget (rejection sampling), else a snapped one."""
+    arch = space.sample(rng)
+    for _ in range(max_tries - 1):
+        if cost.cost(arch) <= budget:
+            return arch
+        arch = space.sample(rng)
+    return arch if cost.cost(arch) <= budget else snap(arch, budget)
+
+
+def mutate(space: SearchSpace, arch: Arch, rng: random.Random, prob: float) -> Arch:
+    """OFA's mutation: each unit's depth, and each block's kernel and expand, resampled with `prob`."""
+    c = space.cfg
+    units = []
+    for unit in arch.units:
+        blocks = [list(b) for b in unit]
+        if rng.random() < prob:
+            d = rng.choice(c.depths)
+            blocks = blocks[:d] + [[rng.choice(c.kernels), rng.choice(c.expands)] for _ in range(d - len(blocks))]
+        for b in blocks:
+            if rng.random() < prob:
+                b[0] = rng.choice(c.kernels)
+            if rng.random() < prob:
+                b[1] = rng.choice(c.expands)
+        units.append(blocks)
+    return _frozen(units)
+
+
+def crossover(a: Arch, b: Arch, rng: random.Random) -> Arch:
+    """Uniform crossover: each unit's depth and each block slot's (kernel, expand) from either parent."""
+    units = []
+    for ua, ub in zip(a.units, b.units):
+        d = len(ua) if rng.random() < 0.5 else len(ub)
+        blocks = []
+        for j in range(d):
+            have = [u[j] for u in (ua, ub) if j < len(u)]
+            blocks.append(list(rng.choice(have)))
+        units.append(blocks)
+    return _frozen(units)
+
+
+def perturb(space: SearchSpace, arch: Arch, rng: random.Random) -> Arch:
+    """EAT-NAS: exactly one primitive of every unit changed (its depth, or one block's kernel or expand)."""
+    c = space.cfg
+    units = _mutable(arch)
+    for unit in units:
+        choices = [("depth", None)] if len(c.depths) > 1 else []
+        if len(c.kernels) > 1:
+            choices += [("k", j) for j in range(len(unit))]
+        if len(c.expands) > 1:
+            choices += [("e", j) for j in range(len(unit))]
+        kind, j = rng.choice(choices)
+        if kind == "depth":
+            d = rng.choice([x for x in c.depths if x != len(unit)])
+            if d < len(unit):
+                del unit[d:]
+            else:
+                unit += [list(unit[-1]) for _ in range(d - len(unit))]
+        elif kind == "k":
+            unit[j][0] = rng.choice([k for k in c.kernels if k != unit[j][0]])
+        else:
+            unit[j][1] = rng.choice([e for e in c.expands if e != unit[j][1]])
+    return _frozen(units)
+
+
+def seeded_population(space: SearchSpace, seed_arch: Arch | None, n_seeds: int, budget: float,
+                      cost: SlotCostModel, snap: Snapper, rng: random.Random) -> list[Arch]:
+    """Transfer seeding: perturbations of the basic architecture, brought within budget."""
+    if seed_arch is None or n_seeds <= 0:
+        return []
+    space.validate(seed_arch)
+    out = []
+    for _ in range(n_seeds):
+        a = perturb(space, seed_arch, rng)
+        out.append(a if cost.cost(a) <= budget else snap(a, budget))
+    return out
+
+
+# ---------------------------------------------------------------- supernet validation accuracy
+class Evaluator:
+    """Supernet validation accuracy of architectures, per superclass, cached by architecture string.
+
+    Each architecture is extracted and its BN statistics recalibrated on a fixed sample of training
+    images of all classes (search.recal_batches batches of the sample `Context.recal_batches`
+    draws; the deployed network's statistics also come from all classes). `acc(arch, t)` then
+    scores it on t's validation images only, argmax over t's classes (`evaluate` restricts it to
+    the image's own superclass); `__call__(arch)` scores every superclass in one pass over the
+    whole split. Recalibrated networks stay in a small LRU cache, so an architecture asked for
+    several superclasses is recalibrated once.
+    """
+
+    def __init__(self, ctx, supernet, keep_nets: int = 16):
+        self.ctx, self.supernet, self.keep_nets = ctx, supernet, keep_nets
+        self.cache: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+        self.recalibrations = 0
+        self._recal = None
+        self._nets: dict[str, torch.nn.Module] = {}
+        self._val: dict[tuple[str, str], object] = {}
+        self.test_cache: dict[tuple, float] = {}
+
+    def _net(self, key: str, arch: Arch) -> torch.nn.Module:
+        from tailor.supernet import recalibrate_bn
+
+        if key in self._nets:
+            self._nets[key] = self._nets.pop(key)  # most recently used last
+            return self._nets[key]
+        if self._recal is None:
+            # A prefix of the stages' own recalibration sample: the same images, fewer of them.
+            self._recal = self.ctx.recal_batches(self.ctx.p.seed)[:self.ctx.p.search.recal_batches]
+        net = self.ctx.prepare_model(self.supernet.extract(arch))
+        recalibrate_bn(net, self._recal)
+        self.recalibrations += 1
+        self._nets[key] = net.eval()
+        while len(self._nets) > self.keep_nets:
+            self._nets.pop(next(iter(self._nets)))
+        return net
+
+    def _split_of(self, superclass: str, split: str = "val"):
+        """One superclass's images of a split, as their own Batches."""
+        if (split, superclass) not in self._val:
+            from tailor.data import Batches, load_split
+
+            x, y = load_split(self.ctx.data_dir, split)
+            meta = self.ctx.meta
+            t = meta.superclass_index(superclass)
+            sel = [i for i, c in enumerate(y.tolist()) if meta.class_superclass[c] == t]
+            self._val[(split, superclass)] = Batches(x[sel], y[sel], meta, self.ctx.device,
+                                                     self.ctx.p.runtime.eval_batch_size,
+                                                     channels_last=self.ctx.p.runtime.channels_last)
+        return self._val[(split, superclass)]
+
+    def _score(self, key: str, arch: Arch, batches) -> dict[str, float]:
+        from tailor.train import autocast, evaluate
+
+        t0 = time.perf_counter()
+        net = self._net(key, arch)
+        with autocast(self.ctx.device, self.ctx.p.runtime):
+            res = evaluate(net, batches, self.ctx.meta)["sc_top1"]
+        self.seconds += time.perf_counter() - t0
+        return res
+
+    def __call__(self, arch: Arch) -> dict[str, float]:
+        """Accuracy on every superclass."""
+        key = str(arch)
+        got = self.cache.get(key, {})
+        if len(got) < len(self.ctx.meta.superclasses):
+            self.cache[key] = self._score(key, arch, self.ctx.batches("val"))
+        return self.cache[key]
+
+    def acc(self, arch: Arch, superclass: str) -> float:
+        key = str(arch)
+        got = self.cache.setdefault(key, {})
+        if superclass not in got:
+            got[superclass] = self._score(key, arch, self._split_of(superclass))[superclass]
+        return got[superclass]
+
+    def test_acc(self, arch: Arch, superclass: str) -> float:
+        """The same measurement on the test split: for benchmarks, free of the selection on validation
+        that the generator and random search make (never used to choose anything)."""
+        key = ("test", str(arch), superclass)
+        if key not in self.test_cache:
+            self.test_cache[key] = self._score(str(arch), arch, self._split_of(superclass, "test"))[superclass]
+        return self.test_cache[key]
+
+    @property
+    def evaluations(self) -> int:
+        return self.recalibrations
+
+
+# ---------------------------------------------------------------- the shared setup of a search stage
+@dataclass
+class Setup:
+    p: Params
+    ctx: object                 # tailor.stages.Context
+    supernet: torch.nn.Module
+    space: SearchSpace
+    cost: SlotCostModel         # what budgets are in
+    madds: SlotCostModel
+    params_model: SlotCostModel
+    scenarios: list[Scenario]
+    snap: Snapper
+    evaluator: Evaluator
+    grid_scs: list[int]         # superclass indices of the params grid (even when a run does only some)
+
+    @property
+    def superclasses(self) -> list[str]:
+        return list(self.ctx.meta.superclasses)
+
+    def row(self, sc: Scenario, arch: Arch, **extra) -> dict:
+        """One result: the architecture, its costs, and its supernet validation accuracy."""
+        c = self.cost.cost(arch)
+        out = {"superclass": sc.superclass, "budget": sc.budget, "budget_spec": sc.spec, "arch": str(arch),
+               "cost": round(c, 6), "cost_unit": self.cost.unit, "madds": int(round(self.madds.cost(arch))),
+               "params": int(round(self.params_model.cost(arch))), "budget_used": round(c / sc.budget, 4),
+               "within_budget": c <= sc.budget * (1 + 1e-9),
+               "in_window": (1 - self.p.search.slack) * sc.budget * (1 - 1e-9) <= c <= sc.budget * (1 + 1e-9),
+               "val_acc": self.evaluator.acc(arch, sc.superclass)}
+        if self.cost.unit == "ms":
+            out["latency_ms"] = round(c, 6)
+        out.update(extra)
+        return out
+
+
+def load_setup(p: Params, data_dir: Path, supernet_path: Path, only: list[str] | None = None) -> Setup:
+    from tailor.stages import Context, load_supernet
+
+    ctx = Context(p, data_dir)
+    supernet, ck = load_supernet(supernet_path, ctx.device)
+    if ck["params"]["space"] != p.space.model_dump(mode="json") or ck["image_size"] != ctx.meta.image_size:
+        raise SearchError(f"{supernet_path}: trained for another search space or image size than params.space / "
+                          f"{data_dir}; re-run train-supernet")
+    if ck["num_classes"] != ctx.num_classes:
+        raise SearchError(f"{supernet_path}: {ck['num_classes']} classes, {data_dir} has {ctx.num_classes}")
+    supernet = ctx.prepare_model(supernet).eval()
+    for q in supernet.parameters():
+        q.requires_grad_(False)
+    space = ctx.space
+    cost = make_cost_model(p.search.cost, space, ctx.num_classes)
+    madds = madds_cost_model(space, ctx.num_classes)
+    names = list(ctx.meta.superclasses)
+    scenarios = scenario_grid(p, names, cost, only)
+    grid_scs = sorted({s.sc for s in scenario_grid(p, names, cost)})
+    return Setup(p, ctx, supernet, space, cost, madds, params_cost_model(space, ctx.num_classes), scenarios,
+                 Snapper(space, cost, p.search.slack), Evaluator(ctx, supernet), grid_scs)
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """Kendall's tau-b (ties counted in neither concordant nor discordant pairs)."""
+    n, conc, disc, ta, tb = len(a), 0, 0, 0, 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ta += 1
+            elif db == 0:
+                tb += 1
+            elif (da > 0) == (db > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = math.sqrt((conc + disc + ta) * (conc + disc + tb))
+    return (conc - disc) / denom if denom else 0.0

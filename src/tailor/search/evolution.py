@@ -1,0 +1,242 @@
+"""Once-for-All's search: an accuracy predictor trained on measured subnets, then evolution under
+the budget, with EAT-NAS transfer seeding.
+
+Predictor: sample N subnets, measure each one's BN-recalibrated validation accuracy on every
+superclass (one evaluation gives all of them), and fit an MLP on (arch encoding, superclass
+one-hot) -> accuracy. Its held-out error and Kendall tau are reported.
+
+Variants (as in the EAS paper): OFA-V runs one search per budget for all superclasses (fitness:
+the mean predicted accuracy over the scenarios' superclasses), so every superclass gets the same
+architecture; OFA-T runs one search per (superclass, budget) with that superclass's prediction.
+`run_ofa_t` takes the superclasses to search, so a pipeline can run one superclass per task.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from torch import nn
+
+from tailor.config import EvolutionConfig, PredictorConfig
+from tailor.cost import SlotCostModel
+from tailor.search.common import Setup, Snapper, crossover, kendall_tau, mutate, sample_within, seeded_population
+from tailor.space import Arch, SearchSpace
+from tailor.utils import fingerprint, log
+
+
+# ---------------------------------------------------------------- the accuracy predictor
+class AccuracyPredictor(nn.Module):
+    def __init__(self, encoding_size: int, n_superclasses: int, hidden: int, layers: int):
+        super().__init__()
+        dims = [encoding_size + n_superclasses] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            mods += [nn.Linear(a, b), nn.ReLU()]
+        self.mlp = nn.Sequential(*mods, nn.Linear(dims[-1], 1))
+        self.n_superclasses = n_superclasses
+
+    def forward(self, enc: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+        onehot = torch.nn.functional.one_hot(sc, self.n_superclasses).to(enc.dtype)
+        return self.mlp(torch.cat([enc, onehot], dim=1)).squeeze(1)
+
+
+class Predictor:
+    """A trained AccuracyPredictor with an encoding cache: predicted accuracy of archs for a superclass."""
+
+    def __init__(self, model: AccuracyPredictor, space: SearchSpace):
+        self.model, self.space = model.eval(), space
+        self._enc: dict[Arch, list[float]] = {}
+
+    def _encode(self, archs: list[Arch]) -> torch.Tensor:
+        for a in archs:
+            if a not in self._enc:
+                self._enc[a] = self.space.encode(a)
+        return torch.tensor([self._enc[a] for a in archs])
+
+    @torch.no_grad()
+    def __call__(self, archs: list[Arch], sc: int) -> list[float]:
+        return self.model(self._encode(archs), torch.full((len(archs),), sc, dtype=torch.long)).tolist()
+
+    @torch.no_grad()
+    def mean_over(self, archs: list[Arch], scs: list[int]) -> list[float]:
+        enc = self._encode(archs)
+        preds = torch.stack([self.model(enc, torch.full((len(archs),), s, dtype=torch.long)) for s in scs])
+        return preds.mean(0).tolist()
+
+
+def collect(setup: Setup, n: int, seed: int) -> tuple[list[dict], float]:
+    """N distinct uniform random subnets with their measured accuracy on every superclass."""
+    rng = random.Random(fingerprint("predictor-data", seed))
+    archs, seen = [], set()
+    tries = 0
+    while len(archs) < n and tries < 100 * n:
+        a = setup.space.sample(rng)
+        tries += 1
+        if a not in seen:
+            seen.add(a)
+            archs.append(a)
+    t0 = time.perf_counter()
+    rows = []
+    for i, a in enumerate(archs):
+        rows.append({"arch": str(a), "acc": setup.evaluator(a)})
+        if (i + 1) % max(1, n // 5) == 0:
+            log(f"search-predictor: measured {i + 1}/{n} subnets ({time.perf_counter() - t0:.1f}s)")
+    return rows, time.perf_counter() - t0
+
+
+def fit_predictor(space: SearchSpace, superclasses: list[str], rows: list[dict], cfg: PredictorConfig,
+                  seed: int) -> tuple[AccuracyPredictor, dict]:
+    """Train on (1 - holdout) of the architectures (all their superclasses); report error on the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=gen).tolist()
+    n_hold = int(round(cfg.holdout * len(rows)))
+    if cfg.holdout and n_hold == 0:
+        n_hold = 1
+    if len(rows) - n_hold < 1:
+        raise ValueError(f"search.predictor: {len(rows)} sampled subnets leave none to train on "
+                         f"with holdout {cfg.holdout}")
+    hold, train = [rows[i] for i in order[:n_hold]], [rows[i] for i in order[n_hold:]]
+
+    def tensors(part):
+        enc, sc, y = [], [], []
+        for r in part:
+            e = space.encode(Arch.parse(r["arch"]))
+            for s, name in enumerate(superclasses):
+                enc.append(e)
+                sc.append(s)
+                y.append(r["acc"][name])
+        return torch.tensor(enc), torch.tensor(sc), torch.tensor(y)
+
+    x, s, y = tensors(train)
+    torch.manual_seed(seed)
+    model = AccuracyPredictor(space.encoding_size, len(superclasses), cfg.hidden, cfg.layers)
+    with torch.no_grad():
+        model.mlp[-1].bias.fill_(float(y.mean()))  # start from the mean: the MLP only learns differences
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    t0 = time.perf_counter()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(y), generator=gen)
+        for b in range(0, len(y), cfg.batch_size):
+            idx = perm[b:b + cfg.batch_size]
+            loss = torch.nn.functional.mse_loss(model(x[idx], s[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    quality = {"train_archs": len(train), "holdout_archs": len(hold), "train_s": round(time.perf_counter() - t0, 3)}
+    with torch.no_grad():
+        quality["train_rmse"] = round(float(((model(x, s) - y) ** 2).mean().sqrt()), 5)
+        if hold:
+            hx, hs, hy = tensors(hold)
+            pred = model(hx, hs)
+            quality["holdout_rmse"] = round(float(((pred - hy) ** 2).mean().sqrt()), 5)
+            quality["holdout_rmse_of_mean"] = round(float(((y.mean() - hy) ** 2).mean().sqrt()), 5)
+            quality["holdout_kendall_tau"] = round(kendall_tau(pred.tolist(), hy.tolist()), 4)
+    return model, quality
+
+
+def save_predictor(path, model: AccuracyPredictor, cfg: PredictorConfig, setup: Setup, rows: list[dict],
+                   extra: dict) -> None:
+    from tailor.stages import provenance
+    from tailor.utils import atomic_torch_save
+
+    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg.model_dump(mode="json"),
+                       "superclasses": setup.superclasses, "encoding_size": setup.space.encoding_size,
+                       "data": rows, **provenance(setup.p, "search-predictor"), **extra}, path)
+
+
+def load_predictor(path, setup: Setup) -> tuple[Predictor, dict]:
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if ck["superclasses"] != setup.superclasses or ck["encoding_size"] != setup.space.encoding_size:
+        raise ValueError(f"{path}: accuracy predictor built for other superclasses or another search space; "
+                         f"re-run search-predictor")
+    cfg = PredictorConfig.model_validate(ck["config"])
+    model = AccuracyPredictor(ck["encoding_size"], len(ck["superclasses"]), cfg.hidden, cfg.layers)
+    model.load_state_dict(ck["state_dict"])
+    return Predictor(model, setup.space), ck
+
+
+# ---------------------------------------------------------------- evolution
+def _within(make, cost: SlotCostModel, snap: Snapper, budget: float, tries: int) -> Arch:
+    """A child from `make()` that fits the budget, redrawn up to `tries` times, else snapped down."""
+    a = make()
+    for _ in range(tries - 1):
+        if cost.cost(a) <= budget:
+            return a
+        a = make()
+    return a if cost.cost(a) <= budget else snap(a, budget)
+
+
+def evolve(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, fitness, cfg: EvolutionConfig,
+           rng: random.Random, seed_arch: Arch | None = None) -> tuple[Arch, float, list[float]]:
+    """OFA's evolutionary search under `cost <= budget`: keep the top parent_ratio, refill with
+    mutants and crossovers that fit. `fitness(list[Arch]) -> list[float]`. Returns (best arch,
+    its fitness, best fitness per generation)."""
+    n_seed = int(round(cfg.seed_fraction * cfg.population)) if seed_arch is not None else 0
+    pop = seeded_population(space, seed_arch, n_seed, budget, cost, snap, rng)
+    while len(pop) < cfg.population:
+        pop.append(sample_within(space, cost, snap, budget, rng, cfg.max_tries))
+    n_parents = max(1, int(round(cfg.parent_ratio * cfg.population)))
+    n_mut = int(round(cfg.mutation_ratio * (cfg.population - n_parents)))
+    best, best_fit, curve = pop[0], float("-inf"), []
+    for _ in range(cfg.generations):
+        fit = fitness(pop)
+        ranked = sorted(range(len(pop)), key=lambda i: -fit[i])
+        if fit[ranked[0]] > best_fit:
+            best, best_fit = pop[ranked[0]], fit[ranked[0]]
+        curve.append(round(best_fit, 5))
+        parents = [pop[i] for i in ranked[:n_parents]]
+        children = [_within(lambda: mutate(space, rng.choice(parents), rng, cfg.mutate_prob), cost, snap, budget,
+                            cfg.max_tries) for _ in range(n_mut)]
+        while len(parents) + len(children) < cfg.population:
+            children.append(_within(lambda: crossover(rng.choice(parents), rng.choice(parents), rng), cost, snap,
+                                    budget, cfg.max_tries))
+        pop = parents + children
+    fit = fitness(pop)
+    i = max(range(len(pop)), key=lambda j: fit[j])
+    if fit[i] > best_fit:
+        best, best_fit = pop[i], fit[i]
+    curve.append(round(best_fit, 5))
+    return best, best_fit, curve
+
+
+def _by_superclass(scenarios):
+    out: dict[str, list] = {}
+    for s in scenarios:
+        out.setdefault(s.superclass, []).append(s)
+    return {k: sorted(v, key=lambda s: s.budget) for k, v in out.items()}
+
+
+def run_ofa_t(setup: Setup, predictor: Predictor, cfg: EvolutionConfig, seed: int,
+              seed_arch: Arch | None = None) -> tuple[dict, dict]:
+    """One evolutionary search per (superclass, budget); budgets ascending, each seeded from the
+    previous budget's result when transfer_budgets. Returns ({scenario key: (arch, predicted)}, timing)."""
+    picks, t0 = {}, time.perf_counter()
+    for name, scs in _by_superclass(setup.scenarios).items():
+        basic = seed_arch
+        for s in scs:
+            rng = random.Random(fingerprint("ofa-t", seed, s.superclass, s.budget))
+            arch, pred, curve = evolve(setup.space, setup.cost, setup.snap, s.budget,
+                                       lambda archs, t=s.sc: predictor(archs, t), cfg, rng, basic)
+            picks[s.key] = (arch, pred, curve)
+            if cfg.transfer_budgets:
+                basic = arch
+    return picks, {"evolution_s": round(time.perf_counter() - t0, 3)}
+
+
+def run_ofa_v(setup: Setup, predictor: Predictor, cfg: EvolutionConfig, seed: int,
+              seed_arch: Arch | None = None) -> tuple[dict, dict]:
+    """One evolutionary search per budget for all the grid's superclasses together (also when this run
+    covers only some of them: every part of a fanned-out run then finds the same architectures)."""
+    scs = setup.grid_scs
+    budgets = sorted({s.budget for s in setup.scenarios})
+    t0, found, basic = time.perf_counter(), {}, seed_arch
+    for b in budgets:
+        rng = random.Random(fingerprint("ofa-v", seed, b))
+        found[b] = evolve(setup.space, setup.cost, setup.snap, b, lambda archs: predictor.mean_over(archs, scs),
+                          cfg, rng, basic)
+        if cfg.transfer_budgets:
+            basic = found[b][0]
+    picks = {s.key: found[s.budget] for s in setup.scenarios}
+    return picks, {"evolution_s": round(time.perf_counter() - t0, 3)}
