@@ -156,7 +156,9 @@ def latency_markdown(res: dict, command: str) -> str:
 def quality(args) -> dict:
     from tailor.config import load_params
     from tailor.search import run
+    from tailor.search import propose
     from tailor.search.common import load_setup
+    from tailor.search.generator import load_generator
     from tailor.space import Arch
 
     overrides = copy.deepcopy(QUALITY_OVERRIDES)
@@ -167,19 +169,38 @@ def quality(args) -> dict:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    pred = run.run_predictor(p, args.data, args.supernet, work / "predictor.pt")
-    docs = {}
+    reused = []
+    if args.reuse and (work / "predictor.pt").exists():
+        ck = torch.load(work / "predictor.pt", weights_only=False)
+        pred = {"quality": ck["quality"], "timing": ck["timing"]}
+        reused.append("predictor")
+    else:
+        pred = run.run_predictor(p, args.data, args.supernet, work / "predictor.pt")
     for m in run.METHODS:
-        docs[m] = run.run_search(p, m, args.data, args.supernet, work / f"{m}.json", work / "predictor.pt",
-                                 work / "generator.pt")
+        if args.reuse and (work / f"{m}.json").exists():
+            reused.append(m)
+            continue
+        run.run_search(p, m, args.data, args.supernet, work / f"{m}.json", work / "predictor.pt", work / "generator.pt")
     metrics = run.collect(p, [work / f"{m}.json" for m in run.METHODS], work / "results.json", work / "table.md",
                           work / "metrics.json")
     results = json.loads((work / "results.json").read_text())
     methods = results["methods"]
+    setup = load_setup(p, args.data, args.supernet)
+    # The same trained generator with as many candidates per scenario as random search measures per
+    # budget: is G's distribution better than uniform at an equal number of measured candidates?
+    k = p.search.random.samples
+    name_k = f"generator-{k}cand"
+    gen_model, _, _ = load_generator(work / "generator.pt")
+    t1 = time.perf_counter()
+    cands = propose(gen_model, setup.space, setup.cost, setup.snap, setup.scenarios, k, p.search.generator.max_tries,
+                    1)
+    rows = [setup.row(s, max(cs, key=lambda a, s=s: setup.evaluator.acc(a, s.superclass)), candidates=len(cs))
+            for s, cs in zip(setup.scenarios, cands)]
+    methods[name_k] = {"rows": rows, "timing": {"one_time_s": methods["generator"]["timing"]["one_time_s"],
+                                                "scenarios_s": round(time.perf_counter() - t1, 3)}}
     # Test-split accuracy of the same picks: the generator and random search choose among candidates
     # by validation accuracy, so their validation figures carry a selection bias that test does not.
     t1 = time.perf_counter()
-    setup = load_setup(p, args.data, args.supernet)
     for m in methods.values():
         for r in m["rows"]:
             r["test_acc"] = setup.evaluator.test_acc(Arch.parse(r["arch"]), r["superclass"])
@@ -187,7 +208,7 @@ def quality(args) -> dict:
     paired = {}
     for split in ("val_acc", "test_acc"):
         gen = {(r["superclass"], r["budget"]): r[split] for r in methods["generator"]["rows"]}
-        for name in ("random", "ofa-t", "ofa-v", "nsga2"):
+        for name in (name_k, "random", "ofa-t", "ofa-v", "nsga2"):
             d = [gen[(r["superclass"], r["budget"])] - r[split] for r in methods[name]["rows"]]
             paired.setdefault(name, {})[split] = {
                 "mean_diff": round(statistics.mean(d), 5), "wins": sum(x > 0 for x in d),
@@ -197,21 +218,24 @@ def quality(args) -> dict:
     return {"benchmark": "search-quality", "data": str(args.data), "supernet": str(args.supernet),
             "presets": [str(x) for x in args.preset or []], "overrides": overrides,
             "generator_steps": p.search.generator.steps, "seconds": round(time.perf_counter() - t0, 1),
-            "predictor": pred, "metrics": metrics, "means": means, "generator_vs": paired, "test_eval_s": round(test_s, 1),
-            "table": (work / "table.md").read_text(),
+            "predictor": pred, "metrics": metrics, "means": means,
+            "extra_methods": {name_k: methods[name_k]["timing"]}, "generator_vs": paired,
+            "test_eval_s": round(test_s, 1), "reused": reused, "table": (work / "table.md").read_text(),
             "results": results}
 
 
 def quality_markdown(res: dict, command: str) -> str:
-    m = res["metrics"]["methods"]
+    m = {**res["metrics"]["methods"], **res["extra_methods"]}
+    reused = f"; method results reused from the run before: {', '.join(res['reused'])}" if res["reused"] else ""
     lines = [f"`{command}` — {res['date']} (code {res['code_version']}, load average at start {res['loadavg']}, "
-             f"{res['seconds']:.0f} s in all)", "",
+             f"{res['seconds']:.0f} s in all{reused})", "",
              f"Supernet `{res['supernet']}` on `{res['data']}`; search effort above the default DAG's: "
              f"`{json.dumps(res['overrides']['search'])}`. Accuracy predictor: "
              f"{json.dumps(res['predictor']['quality'])}.", "",
              "Validation accuracy is what every method optimises and reports; the generator and random search "
              "pick among candidates by it, so the test-split accuracy of the same picks (never used to choose) "
-             "is shown too.", "",
+             "is shown too. `generator-Ncand` is the same trained generator sampling as many candidates per "
+             "scenario as random search measures per budget (search.random.samples).", "",
              "| method | mean val acc | mean test acc | generator minus it, val (mean; wins / ties / losses) | "
              "generator minus it, test | one-time cost (s) | all scenarios (s) |", "|---|---|---|---|---|---|---|"]
     for name, v in m.items():
@@ -241,6 +265,8 @@ def main() -> None:
     b.add_argument("--preset", type=Path, action="append")
     b.add_argument("--steps", type=int, help="generator training steps (default: the benchmark's override)")
     b.add_argument("--work", default="/tmp/tailor-search-bench")
+    b.add_argument("--reuse", action="store_true",
+                   help="keep the method results already in --work (from a run with the same arguments)")
     b.add_argument("--threads", type=int, default=1,
                    help="runtime.threads (1: on a shared 2-core machine two threads each run several times slower)")
     for sp in (a, b):

@@ -129,7 +129,7 @@ def test_cli_reports_out_of_range_budget_as_exit_2(tiny_run, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("search:\n  budgets: {kind: absolute, values: [1.0e+12]}\n")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    r = subprocess.run([sys.executable, "-m", "tailor.cli", "search", "random", "--params", str(ROOT / "params.yaml"),
+    r = subprocess.run([sys.executable, "-m", "tailor.cli", "search-random", "--params", str(ROOT / "params.yaml"),
                         "--preset", str(ROOT / "tests" / "tiny.yaml"), "--preset", str(bad), "--data", str(tiny_run["data"]),
                         "--supernet", str(tiny_run["supernet"]), "--out", str(tmp_path / "r.json")],
                        capture_output=True, text=True, env=env, timeout=120)

@@ -72,24 +72,50 @@ def search_predictor(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt 
     stages.search_predictor(_params(params, preset), data, supernet, out)
 
 
-@app.command("search")
-def search(method: Annotated[str, typer.Argument(help="generator | random | evolution | nsga2")],
-           params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
-           data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
-           out: Annotated[Optional[Path], typer.Option(help="result file (default: search/<method>.json)")] = None,
-           predictor: Annotated[Optional[Path], typer.Option(
-               help="search-predictor's output (evolution; nsga2 with fitness 'predictor')")] = None,
-           generator_out: Annotated[Optional[Path], typer.Option(
-               help="where the trained generator goes (generator; default search/generator.pt)")] = None,
-           superclass: Annotated[Optional[list[str]], typer.Option(
-               "--superclass", help="only these superclasses' scenarios (repeatable)")] = None):
-    """One architecture per (superclass, budget) scenario with one search method."""
+SuperclassOpt = Annotated[Optional[list[str]], typer.Option(
+    "--superclass", help="only these superclasses' scenarios (repeatable; a pipeline fans out over them)")]
+
+
+def _search(method: str, params: Path, preset, data: Path, supernet: Path, out: Path, predictor=None,
+            generator_out=None, superclass=None):
     from tailor import stages
 
-    if method == "generator" and generator_out is None:
-        generator_out = Path("search/generator.pt")
-    stages.search(_params(params, preset), method, data, supernet, out or Path(f"search/{method}.json"), predictor,
-                  generator_out, superclass)
+    stages.search(_params(params, preset), method, data, supernet, out, predictor, generator_out, superclass)
+
+
+@app.command("search-generator")
+def search_generator(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                     data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+                     out: Path = Path("search/generator.json"), generator_out: Path = Path("search/generator.pt"),
+                     superclass: SuperclassOpt = None):
+    """Train the EAS architecture generator on the supernet, then tailor every scenario in one pass."""
+    _search("generator", params, preset, data, supernet, out, generator_out=generator_out, superclass=superclass)
+
+
+@app.command("search-random")
+def search_random(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                  data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+                  out: Path = Path("search/random.json"), superclass: SuperclassOpt = None):
+    """Random architectures within each budget, the best per superclass by supernet validation accuracy."""
+    _search("random", params, preset, data, supernet, out, superclass=superclass)
+
+
+@app.command("search-evolution")
+def search_evolution(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                     data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+                     predictor: Path = Path("search/predictor.pt"), out: Path = Path("search/evolution.json"),
+                     superclass: SuperclassOpt = None):
+    """OFA's evolutionary search on the accuracy predictor (OFA-V and OFA-T)."""
+    _search("evolution", params, preset, data, supernet, out, predictor=predictor, superclass=superclass)
+
+
+@app.command("search-nsga2")
+def search_nsga2(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                 data: Path = Path("data/prepared"), supernet: Path = Path("models/supernet.pt"),
+                 predictor: Path = Path("search/predictor.pt"), out: Path = Path("search/nsga2.json"),
+                 superclass: SuperclassOpt = None):
+    """SCARLET's constrained, weighted NSGA-II (accuracy, cost, parameters)."""
+    _search("nsga2", params, preset, data, supernet, out, predictor=predictor, superclass=superclass)
 
 
 @app.command("search-collect")

@@ -303,6 +303,13 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
     res = fit(net, train_batches, make_optimizer(net, cfg.optim), cfg.epochs,
               warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
               Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
+    # BN statistics afresh on (un-augmented) batches of the data it trained on: a few steps of
+    # momentum averaging (retrain.data 'superclass' on a small superclass) still carry the supernet's
+    # shared statistics (measured: sc0 at 4M MAdds, test top-1 0.56 before, 0.99 after).
+    recal = Batches(x, y, ctx.meta, ctx.device, p.runtime.bn_recal_batch_size, channels_last=p.runtime.channels_last)
+    recal_it = recal.epoch(p.seed, augment=False, drop_last=False)
+    with torch.no_grad(), autocast(ctx.device, p.runtime):
+        recalibrate_bn(net, [next(recal_it)[0] for _ in range(min(p.runtime.bn_recal_batches, recal.num_batches(False)))])
     # Keep only this superclass's classifier rows: the deployed model answers among them alone.
     specialised = StaticNet(ctx.space, arch, len(classes))
     state = net.state_dict()
