@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import time
 import zipfile
 from pathlib import Path
 
@@ -404,9 +403,7 @@ def test_pad_crop_and_flip_augmentation():
 def test_tin_sc10_loads_as_imagefolder():
     cfg = tiny_params(data={"source": "imagefolder", "path": str(TIN_SC10), "image_size": 64,
                             "val_fraction": 0.1}).data
-    t0 = time.perf_counter()
     meta, s = build(cfg, seed=0)
-    seconds = time.perf_counter() - t0
     assert len(meta.superclasses) == 10 and len(meta.classes) == 50
     assert set(meta.superclasses) == {"dog", "cat", "insect", "car", "fruit", "dish", "sea_life", "crawler", "herp",
                                       "landscape"}
@@ -416,4 +413,3 @@ def test_tin_sc10_loads_as_imagefolder():
     for x, y in s.values():
         assert x.shape[1:] == (64, 64, 3) and np.bincount(y, minlength=50).min() > 0
     assert 50 < s["train"][0][:500].mean() < 200
-    assert seconds < 120, seconds

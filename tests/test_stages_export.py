@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -44,7 +45,8 @@ def retrained(tiny_run, tmp_path_factory):
     model = root / "retrain" / stages.scenario_id(s.superclass, s.budget) / "model.pt"
     metrics = stages.retrain(p, tiny_run["data"], tiny_run["supernet"], s.superclass, s.budget, arch, model,
                              root / "metrics" / "retrain.json", root / "runs" / "retrain")
-    return {"p": p, "root": root, "data": tiny_run["data"], "model": model, "metrics": metrics}
+    return {"p": p, "root": root, "data": tiny_run["data"], "supernet": tiny_run["supernet"], "model": model,
+            "metrics": metrics}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +74,34 @@ def test_choose_arch_from_params_or_search_results(retrained, tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(doc))
     with pytest.raises(SearchError, match="budgets are in ms"):
         stages.choose_arch(p, tmp_path, "sc1", 600000)
+
+
+def test_retrain_recomputes_bn_statistics_on_its_training_data(retrained, tmp_path):
+    """With retrain.data 'superclass' a retrain takes few steps, so the momentum average of the BN
+    statistics still held much of the supernet's shared statistics (test top-1 0.56 instead of 0.99
+    on the default data): the saved statistics must be those of the superclass's training images."""
+    from tailor import data as datamod
+    from tailor.data import Batches
+    from tailor.supernet import recalibrate_bn
+
+    p = retrained["p"]
+    p = p.model_copy(update={"retrain": p.retrain.model_copy(update={"data": "superclass"})})
+    s = p.retrain.scenarios[0]
+    arch = stages.choose_arch(p, tmp_path, s.superclass, s.budget)
+    stages.retrain(p, retrained["data"], retrained["supernet"], s.superclass, s.budget, arch, tmp_path / "model.pt",
+                   tmp_path / "metrics.json", tmp_path / "run")
+    net, ck = stages.load_specialized(tmp_path / "model.pt")
+    x, y = datamod.load_split(retrained["data"], "train")
+    sel = np.isin(y, ck["classes"])
+    b = Batches(x[sel], y[sel], Meta.load(retrained["data"]), torch.device("cpu"), p.runtime.bn_recal_batch_size)
+    it = b.epoch(p.seed, augment=False, drop_last=False)
+    fresh, _ = stages.load_specialized(tmp_path / "model.pt")
+    with torch.no_grad():
+        recalibrate_bn(fresh, [next(it)[0] for _ in range(min(p.runtime.bn_recal_batches, b.num_batches(False)))])
+    saved = {k: v for k, v in net.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert saved
+    for k, v in saved.items():
+        torch.testing.assert_close(v, fresh.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_export_writes_a_checked_repository(exported):
