@@ -72,7 +72,8 @@ def markdown(res: dict) -> str:
     lines = [
         f"`{res['command']}` — {res['date']}, code {res['code_version']}",
         "",
-        f"Data `{res['data']}` ({res['data_source']}, {res['image_size']}x{res['image_size']}), supernet "
+        f"Data `{res['data']}` ({res['data_source']}, {res['image_size']}x{res['image_size']}; prepared with "
+        f"{json.dumps(res['data_params'])}), supernet "
         f"`{res['supernet']}`; retrain init **{res['retrain']['init']}**, {res['retrain']['epochs']} epochs, "
         f"batch {res['retrain']['optim']['batch_size']}, device {res['device']}. onnxruntime "
         f"{m['onnxruntime']} CPU, {res['threads']} intra-op thread(s), {m['cpu_count']} cores; latency = median "
@@ -94,7 +95,9 @@ def markdown(res: dict) -> str:
     d = res["data_mode_delta"]
     lines += ["", f"retrain.data 'all' minus 'superclass', test top-1 over the scenarios: mean {d['mean']:+.4f} "
                   f"(per scenario {', '.join(f'{x:+.4f}' for x in d['per_scenario'])}); test images per "
-                  f"scenario: {', '.join(str(s['test_images']) for s in res['scenarios'])}.",
+                  f"scenario: {', '.join(str(s['test_images']) for s in res['scenarios'])}. At equal epochs "
+                  "'superclass' takes one superclass's share of the optimizer steps of 'all' (and of the time); "
+                  "both recompute BN statistics on their training data after training.",
               f"Full results: `{res['results_file']}`."]
     return "\n".join(lines)
 
@@ -181,6 +184,7 @@ def main(argv=None) -> None:
         "benchmark": "export", "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "results_file": _shown(Path(args.results)),
         "code_version": code_version(), "data": args.data, "data_source": meta.source, "image_size": meta.image_size,
+        "data_params": json.loads((Path(args.data) / "meta.json").read_text())["params"]["data"].get("synthetic"),
         "supernet": args.supernet, "device": str(resolve_device(base.runtime)),
         "retrain": base.retrain.model_dump(mode="json", exclude={"scenarios", "data"}),
         "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup, "rounds": args.rounds,
