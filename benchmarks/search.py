@@ -231,7 +231,10 @@ def quality(args) -> dict:
                 "ties": sum(x == 0 for x in d), "losses": sum(x < 0 for x in d)}
     means = {name: {split: round(statistics.mean(r[split] for r in m["rows"]), 5) for split in ("val_acc", "test_acc")}
              for name, m in methods.items()}
+    from tailor.utils import file_hash
+
     return {"benchmark": "search-quality", "data": str(args.data), "supernet": str(args.supernet),
+            "supernet_sha256_16": file_hash(args.supernet), "data_meta_sha256_16": file_hash(Path(args.data) / "meta.json"),
             "presets": [str(x) for x in args.preset or []], "overrides": overrides,
             "generator_steps": p.search.generator.steps, "seconds": round(time.perf_counter() - t0, 1),
             "predictor": pred, "metrics": metrics, "means": means,
@@ -245,7 +248,8 @@ def quality_markdown(res: dict, command: str) -> str:
     reused = f"; method results reused from the run before: {', '.join(res['reused'])}" if res["reused"] else ""
     lines = [f"`{command}` — {res['date']} (code {res['code_version']}, load average at start {res['loadavg']}, "
              f"{res['seconds']:.0f} s in all{reused})", "",
-             f"Supernet `{res['supernet']}` on `{res['data']}`; search effort above the default DAG's: "
+             f"Supernet `{res['supernet']}` (sha256 {res['supernet_sha256_16']}...) on `{res['data']}` (meta.json "
+             f"sha256 {res['data_meta_sha256_16']}...); search effort above the default DAG's: "
              f"`{json.dumps(res['overrides']['search'])}`. Accuracy predictor: "
              f"{json.dumps(res['predictor']['quality'])}.", "",
              "Validation accuracy is what every method optimises and reports; the generator and random search "

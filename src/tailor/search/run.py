@@ -259,7 +259,7 @@ def table_markdown(methods: dict, cost: dict, slack: float) -> str:
         lines.append(f"| {k[0]} | {_fmt_cost(k[1], unit)} | " + " | ".join(cells) + " |")
     lines.append("| **mean** | | " + " | ".join(
         f"{statistics.mean(r['val_acc'] for r in methods[n]['rows']):.4f}" for n in names) + " |")
-    lines += ["", "| method | one-time cost (s) | all scenarios (s) | evaluations charged | within budget | in window |",
+    lines += ["", "| method | one-time cost (s) | all scenarios (s) | what the cost is | within budget | in window |",
               "|---|---|---|---|---|---|"]
     for n in names:
         t, rows = methods[n]["timing"], methods[n]["rows"]
@@ -273,11 +273,14 @@ def _charged(name: str, m: dict) -> str:
     """What the method's cost consists of, in words (for the table)."""
     t = m["timing"]
     if name == "generator":
-        return f"train {t.get('train_s', 0):.0f}s; {t.get('mode_only_all_scenarios_ms', 0):.1f} ms for all (mode only)"
+        return (f"training G once; then one forward pass for all scenarios "
+                f"({t.get('mode_only_all_scenarios_ms', 0):.1f} ms, mode candidates, snapped) and the "
+                f"candidates' supernet evaluations")
     if name == "random":
-        return "supernet evaluations of the samples"
+        return "supernet evaluations of the random candidates"
     if "predictor_data_s" in t:
-        return f"predictor data {t['predictor_data_s']:.0f}s + fit {t['predictor_train_s']:.1f}s"
+        return (f"accuracy predictor once (subnets measured {t['predictor_data_s']:.0f} s, MLP fit "
+                f"{t['predictor_train_s']:.1f} s); then the evolutionary searches")
     return "supernet evaluations"
 
 
