@@ -170,6 +170,21 @@ def test_snapper_handles_a_non_monotone_table(space):
         assert cost.cost(snap(space.sample(rng), b)) <= b + 1e-9
 
 
+def test_snapper_pairs_moves_when_every_single_raise_overshoots(space):
+    """A block dearer than the window is wide (per-block overhead dominating a latency table): the
+    only way into the window is two changes at once, one block added and one kernel shrunk."""
+    table = torch.zeros(space.n_units, space.max_depth, 3, 3, dtype=torch.float64)
+    for a in range(3):
+        for b in range(3):
+            table[:, :, a, b] = 10 + 2 * a + 2 * b   # a block costs 10 to 18
+    cost = SlotCostModel("ms", 1.0, table, [3, 5, 7], [3, 4, 6], 2)
+    start = space.uniform(2, 7, 6)                   # every block at its dearest: 1 + 10 * 18 = 181
+    budget = 190.8                                   # window [181.26, 190.8]: +10 (a block) alone overshoots
+    assert cost.cost(start) == 181.0 and cost.cost(start) < 0.95 * budget
+    snapped = Snapper(space, cost, 0.05)(space.uniform(2, 7, 6), budget)
+    assert 0.95 * budget <= cost.cost(snapped) <= budget, (str(snapped), cost.cost(snapped))
+
+
 def test_params_cost_model_counts_real_parameters(space):
     model = params_cost_model(space, 6)
     rng = random.Random(0)

@@ -140,10 +140,12 @@ class Snapper:
     Over budget: take the single change (kernel or expand one level, a block dropped or added)
     that lands highest inside the window if one does, else the one that lowers the cost least,
     so the architecture keeps as much of its shape as it can. Under the window: the change that
-    raises the cost most without passing B. Moves are chosen by their cost effect, not by their
-    direction, so a latency table that is not monotone in kernel or expand still converges
-    (every move strictly lowers, then strictly raises, the cost). Cost changes are table deltas,
-    so a step costs a few microseconds per neighbour.
+    raises the cost most without passing B; when every single raise passes B (a block costs more
+    than the window is wide, as in a latency table dominated by per-block overhead), the best pair
+    of independent changes, e.g. one block added and one kernel shrunk. Moves are chosen by their
+    cost effect, not by their direction, so a latency table that is not monotone in kernel or
+    expand still converges (every move strictly lowers, then strictly raises, the cost). Cost
+    changes are table deltas, so a step costs a few microseconds per neighbour.
     """
 
     def __init__(self, space: SearchSpace, cost: SlotCostModel, slack: float):
@@ -197,6 +199,12 @@ class Snapper:
         else:
             units[i].append([a, b])
 
+    @staticmethod
+    def _independent(m1: tuple, m2: tuple) -> bool:
+        """Whether two moves' cost deltas add up: different units, or kernel / expand of different blocks."""
+        (k1, i1, j1, _), (k2, i2, j2, _) = m1, m2
+        return i1 != i2 or (k1 < 2 and k2 < 2 and j1 != j2)
+
     def _index_form(self, arch: Arch) -> list[list[list[int]]]:
         return [[[self.ki[k], self.ei[e]] for k, e in unit] for unit in arch.units]
 
@@ -216,11 +224,16 @@ class Snapper:
             self._apply(units, m)
             c += d
         while c < lo - eps:
-            up = [t for t in self.moves(units) if 0 < t[0] and c + t[0] <= hi]
+            moves = self.moves(units)
+            up = [(d, (m,)) for d, m in moves if 0 < d and c + d <= hi]
             if not up:
-                break  # no single change fits: within budget, below the window
-            d, m = max(up, key=lambda t: t[0])
-            self._apply(units, m)
+                up = [(d1 + d2, (m1, m2)) for n, (d1, m1) in enumerate(moves) for d2, m2 in moves[n + 1:]
+                      if 0 < d1 + d2 and c + d1 + d2 <= hi and self._independent(m1, m2)]
+            if not up:
+                break  # no change of one or two primitives fits: within budget, below the window
+            d, ms = max(up, key=lambda t: t[0])
+            for m in ms:
+                self._apply(units, m)
             c += d
         ks, es = self.kernels, self.expands
         return Arch(tuple(tuple((ks[a], es[b]) for a, b in unit) for unit in units))
