@@ -25,14 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
 HEADING = "Export: parity, onnxruntime CPU latency, retrain data"
 MODES = ("superclass", "all")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency import upsert_section, wait_for_quiet  # noqa: E402  (the sibling benchmark's helpers)
+from common import RESULTS, RESULTS_MD, ROOT, upsert_section, wait_for_quiet  # noqa: E402
 
 
 def pick_arch(p, data_dir: Path, search_dir: Path, superclass: str, budget: float, samples: int):

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-RESULTS_MD = ROOT / "benchmarks" / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, RESULTS_MD, ROOT, upsert_section  # noqa: E402
 
 # Search effort of the quality benchmark (the default DAG's is in params.yaml).
 QUALITY_OVERRIDES = {
@@ -44,25 +43,6 @@ QUALITY_OVERRIDES = {
         "nsga2": {"population": 100, "generations": 30},
     },
 }
-
-
-def upsert_section(path: Path, heading: str, body: str) -> None:
-    """Replace the `## heading` section of a Markdown file (up to the next `## `), or append it."""
-    from tailor.utils import atomic_write_text
-
-    text = path.read_text() if path.exists() else "# Benchmark results\n\nOne section per benchmark; each script rewrites only its own.\n"
-    lines = text.splitlines()
-    title = f"## {heading}"
-    section = [title, "", *body.strip("\n").splitlines(), ""]
-    if title in lines:
-        start = lines.index(title)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = section
-    else:
-        if lines and lines[-1].strip():
-            lines.append("")
-        lines += section
-    atomic_write_text(path, "\n".join(lines).rstrip("\n") + "\n")
 
 
 def _stats(ts: list[float]) -> dict:

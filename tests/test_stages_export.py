@@ -28,7 +28,6 @@ from tailor.export import (
 )
 from tailor.export.triton import ONNX_PLATFORM
 from tailor.search.common import SearchError
-from tailor.serve import ServeCheckError
 from tailor.serve_local import free_port
 from tailor.utils import fingerprint
 

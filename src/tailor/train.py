@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tailor.config import OptimConfig, RuntimeConfig
