@@ -9,6 +9,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tailor import data as datamod
@@ -419,10 +420,9 @@ class ExportError(ValueError):
     """The export stage refused its input or its result (e.g. ONNX parity above tolerance)."""
 
 
-def _superclass_test(meta: Meta, x: "np.ndarray", y: "np.ndarray", superclass: str, class_names: list[str],
+def _superclass_test(meta: Meta, x: np.ndarray, y: np.ndarray, superclass: str, class_names: list[str],
                      source: str):
     """Test images (uint8 NHWC) of one superclass and their targets as indices into class_names."""
-    import numpy as np
 
     classes = meta.classes_of(meta.superclass_index(superclass))
     names = [meta.classes[c] for c in classes]
@@ -435,7 +435,7 @@ def _superclass_test(meta: Meta, x: "np.ndarray", y: "np.ndarray", superclass: s
     return np.ascontiguousarray(x[sel]), local[y[sel]]
 
 
-def _ort_top1(sess, images: "np.ndarray", targets: "np.ndarray", batch_size: int) -> float:
+def _ort_top1(sess, images: np.ndarray, targets: np.ndarray, batch_size: int) -> float:
     from tailor.export import INPUT_NAME, LOGITS_NAME
 
     correct = 0
@@ -445,15 +445,13 @@ def _ort_top1(sess, images: "np.ndarray", targets: "np.ndarray", batch_size: int
     return correct / max(1, len(images))
 
 
-def _ort_latency(sess, images: "np.ndarray", cfg) -> dict:
+def _ort_latency(sess, images: np.ndarray, cfg) -> dict:
     """onnxruntime wall time per call at each of cfg.latency_batch_sizes, on real images (repeated
     when a batch needs more than there are). "ms" is the median over the calls during which no
     other process preempted this one (getrusage involuntary switches, as profile-latency does),
     or over all calls when fewer than a quarter ran clean: on a shared machine the preempted ones
     time the load, not the model."""
     import resource
-
-    import numpy as np
 
     from tailor.export import INPUT_NAME, LOGITS_NAME, PROBS_NAME
 
@@ -491,7 +489,6 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
     import shutil
     import tempfile
 
-    import numpy as np
     import onnxruntime
 
     from tailor.export import export_onnx, parity, s3_client, triton_model_name, upload_repository, write_model
@@ -615,8 +612,6 @@ def serve_check(p: Params, repo: str | Path, data_dir: Path, metrics_path: Path,
     """
     import tempfile
 
-    import numpy as np
-
     from tailor.export import python_backend_twin, read_config, read_signature
     from tailor.export.onnx_export import ort_session
     from tailor.serve import ServeCheckError, serve_check as check_model
@@ -726,10 +721,12 @@ def _server_version(urls: dict[str, str]) -> str | None:
 
 
 # ---------------------------------------------------------------- report
-def report(p: Params, metrics_dir: Path, search_table: Path, out_md: Path, summary_path: Path) -> dict:
-    """reports/report.md and a metrics summary from every stage's metrics files."""
+def report(p: Params, metrics_dir: Path, search_table: Path, out_md: Path, summary_path: Path,
+           lut_dir: Path | None = None) -> dict:
+    """reports/report.md and a metrics summary from every stage's metrics files (and the latency
+    tables in lut_dir, for the chosen networks' predicted latency)."""
     from tailor.report import report as build
 
-    summary = build(metrics_dir, search_table, out_md, summary_path, provenance(p, "report"))
+    summary = build(metrics_dir, search_table, out_md, summary_path, provenance(p, "report"), lut_dir)
     log(f"report: {out_md}")
     return summary
