@@ -1,6 +1,6 @@
 from typing import List
 
-from kfp.dsl import Input, Markdown, Metrics, Output
+from kfp.dsl import Artifact, Input, Markdown, Metrics, Output
 
 from components.base import RUNTIME_FUNCS, tailor_component
 from components.runtime import load_params, log_metrics  # embedded in the component too
@@ -33,9 +33,10 @@ def gather_metrics(stage_metrics: dict, retrain: list):
 def report(params_yaml: str, data: Input[Metrics], teacher: Input[Metrics], supernet: Input[Metrics],
            latency: Input[Metrics], search: Input[Metrics], search_table: Input[Markdown],
            retrain: Input[List[Metrics]], export: Input[Metrics], serve: Input[Metrics],
-           report: Output[Markdown], metrics: Output[Metrics]):
+           luts: Input[Artifact], report: Output[Markdown], metrics: Output[Metrics]):
     """report: one Markdown page (rendered by the KFP UI) and a summary from every stage's metrics.
-    `latency`: the metrics of one profile-latency task (the search's LUT target, else the first)."""
+    `latency` and `luts`: the metrics and tables of one profile-latency task (the search's LUT
+    target, else the first)."""
     from pathlib import Path
 
     from tailor import stages
@@ -43,4 +44,4 @@ def report(params_yaml: str, data: Input[Metrics], teacher: Input[Metrics], supe
     metrics_dir = gather_metrics({"data": data, "teacher": teacher, "supernet": supernet, "latency": latency,
                                   "search": search, "export": export, "serve": serve}, retrain)
     log_metrics(metrics, stages.report(load_params(params_yaml), metrics_dir, Path(search_table.path),
-                                       Path(report.path), Path(metrics.path)))
+                                       Path(report.path), Path(metrics.path), Path(luts.path)))

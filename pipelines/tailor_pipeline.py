@@ -217,6 +217,7 @@ def build(opts: Options = DEFAULT_OPTIONS):
         step("report", C.report, data=metrics("prepare-data"), teacher=metrics("train-teacher"),
              supernet=metrics("train-supernet"),
              latency=profiled[lut_target or next(iter(targets))].outputs["metrics"],
+             luts=luts[lut_target or next(iter(targets))],
              search=metrics("search-collect"), search_table=tasks["search-collect"].outputs["table"],
              retrain=dsl.Collected(metrics("retrain")), export=metrics("export"), serve=metrics("serve-check"))
 

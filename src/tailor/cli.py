@@ -199,11 +199,14 @@ def serve_check(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = Non
 @app.command("report")
 def report(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
            metrics_dir: Path = Path("metrics"), search_table: Path = Path("search/table.md"),
-           out: Path = Path("reports/report.md"), summary: Path = Path("metrics/report.json")):
+           out: Path = Path("reports/report.md"), summary: Path = Path("metrics/report.json"),
+           lut_dir: Annotated[Path, typer.Option(help="profile-latency's tables, for the chosen networks' "
+                                                      "predicted vs measured latency (skipped when absent)")]
+           = Path("latency")):
     """One Markdown report from every stage's metrics."""
     from tailor import stages
 
-    stages.report(_params(params, preset), metrics_dir, search_table, out, summary)
+    stages.report(_params(params, preset), metrics_dir, search_table, out, summary, lut_dir)
 
 
 def main() -> None:

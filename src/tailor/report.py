@@ -53,7 +53,61 @@ def subnet_section(title: str, m: dict) -> tuple[str, dict]:
     return "\n".join(text), summary
 
 
-def build_report(metrics_dir: Path, search_table: Path | None) -> tuple[str, dict]:
+def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
+    """The chosen (exported) networks' latency: predicted by each LUT of lut_dir, and measured.
+
+    The export stage times every model with onnxruntime on the CPU it runs on, at
+    export.latency_batch_sizes; that is a measurement of a LUT's target when the target is
+    onnxruntime on cpu at one of those batch sizes and the export ran on the target's machine (so
+    in `dvc repro` on one machine; in Kubeflow only when export is placed on the target's nodes).
+    The measured statistic is the LUT's own (min or median of the clean calls). The prediction uses
+    the LUT's head, profiled for all classes, where the exported net has one superclass's classes;
+    the difference is feature_channels x (classes dropped) MAdds in the last layer.
+    """
+    from tailor.latency import latency_model, load_lut, lut_space
+    from tailor.space import Arch
+
+    luts = sorted(Path(lut_dir).glob("*.json")) if lut_dir and Path(lut_dir).is_dir() else []
+    rows, summary = [], {}
+    for path in luts:
+        lut = load_lut(path)
+        model = latency_model(lut)
+        t = lut["target"]
+        measured_here = t["runtime"] == "onnxruntime" and t["device"] == "cpu"
+        stat = lut["protocol"]["statistic"]
+        errs = []
+        space = lut_space(lut)
+        for name, m in export["models"].items():
+            try:
+                predicted = model.cost(space.validate(Arch.parse(m["arch"])))
+            except ValueError as err:
+                raise ValueError(f"{path}: does not describe exported model {name} ({err}); "
+                                 "the LUT and the models come from different params") from None
+            detail = m.get("ort_cpu_latency_detail", {}).get(f"batch_{t['batch_size']}") if measured_here else None
+            measured = None if detail is None else (detail["min_ms"] if stat == "min" else detail["ms"])
+            err = None if measured is None else (predicted - measured) / measured
+            if err is not None:
+                errs.append(abs(err))
+            rows.append([name, m["arch"], lut["target_name"], f"{t['runtime']} {t['device']} {t['dtype']}, batch "
+                         f"{t['batch_size']}, {t['threads']} threads", f"{predicted:.4f}",
+                         "-" if measured is None else f"{measured:.4f}",
+                         "-" if err is None else f"{100 * err:+.1f}%"])
+        if errs:
+            summary[lut["target_name"]] = {"median_abs_rel_err": round(sorted(errs)[len(errs) // 2], 4),
+                                           "models": len(errs)}
+    if not rows:
+        return None
+    threads = export.get("intra_op_threads")
+    text = ["## Chosen networks: LUT-predicted vs measured latency",
+            "Predicted: the calibrated lookup table of each profiled target. Measured: the export stage's "
+            f"onnxruntime CPU timing of the exported ONNX (intra-op threads {threads or 'onnxruntime default'}), "
+            "in the LUT's statistic, shown only for onnxruntime-on-CPU targets at a batch size the export timed.",
+            "", _table(["Triton model", "arch", "target", "target conditions", "predicted ms", "measured ms",
+                        "error"], rows)]
+    return "\n".join(text), summary
+
+
+def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | None = None) -> tuple[str, dict]:
     metrics_dir = Path(metrics_dir)
     parts = ["# tailor report", ""]
     summary: dict = {}
@@ -109,6 +163,10 @@ def build_report(metrics_dir: Path, search_table: Path | None) -> tuple[str, dic
                   _table(["Triton model", "parity max abs", "test top-1 (torch)", "test top-1 (onnx)",
                           "onnxruntime CPU latency (median)", "bytes"], rows), ""]
         summary["export"] = {"max_parity_error": export["max_parity_error"], "passed": export.get("passed")}
+        latency_part = latency_section(export, lut_dir)
+        if latency_part:
+            parts += [latency_part[0], ""]
+            summary["chosen_latency"] = latency_part[1]
     else:
         missing.append("export")
 
@@ -136,10 +194,11 @@ def build_report(metrics_dir: Path, search_table: Path | None) -> tuple[str, dic
     return "\n".join(parts), summary
 
 
-def report(metrics_dir: Path, search_table: Path | None, out_md: Path, summary_path: Path, provenance: dict) -> dict:
+def report(metrics_dir: Path, search_table: Path | None, out_md: Path, summary_path: Path, provenance: dict,
+           lut_dir: Path | None = None) -> dict:
     from tailor.utils import atomic_write_json, atomic_write_text
 
-    text, summary = build_report(metrics_dir, search_table)
+    text, summary = build_report(metrics_dir, search_table, lut_dir)
     text += f"\n---\ncode version `{provenance['code_version']}`\n"
     atomic_write_text(out_md, text)
     atomic_write_json(summary_path, {**summary, "code_version": provenance["code_version"]})
