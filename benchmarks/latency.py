@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,6 +25,37 @@ from common import RESULTS, RESULTS_MD, ROOT, upsert_section, wait_for_quiet  # 
 
 def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+def prediction_speed(lut: dict, n: int = 5000, seed: int = 0) -> dict:
+    """How fast the calibrated table answers: cost(arch) on random archs (what evolution calls
+    thousands of times), and cost_gates forward + backward on relaxed gates (the generator's
+    budget term), each the median over calls."""
+    import random
+    import statistics
+
+    import torch
+
+    from tailor.latency import latency_model, lut_space
+    from tailor.supernet import Gates
+
+    model, space = latency_model(lut), lut_space(lut)
+    rng = random.Random(seed)
+    archs = [space.sample(rng) for _ in range(n)]
+    per_arch = []
+    for a in archs:
+        t = time.perf_counter_ns()
+        model.cost(a)
+        per_arch.append(time.perf_counter_ns() - t)
+    g = Gates.from_arch(space, space.mid_arch)
+    relaxed = [torch.full_like(x, 0.5, requires_grad=True) for x in (g.depth, g.kernel, g.expand)]
+    per_grad = []
+    for _ in range(200):
+        t = time.perf_counter_ns()
+        model.cost_gates(*relaxed).backward()
+        per_grad.append(time.perf_counter_ns() - t)
+    return {"cost_us_median": round(statistics.median(per_arch) / 1e3, 2), "cost_calls": n,
+            "cost_gates_fwd_bwd_us_median": round(statistics.median(per_grad) / 1e3, 1), "cost_gates_calls": 200}
 
 
 def markdown(res: dict) -> str:
@@ -58,6 +90,10 @@ def markdown(res: dict) -> str:
         "All methods and statistics from the same calls (held-out median / p90):",
         "",
         *rows,
+        "",
+        f"Prediction: `cost(arch)` {res['prediction']['cost_us_median']} µs per architecture (median of "
+        f"{res['prediction']['cost_calls']} random ones); differentiable `cost_gates` forward + backward "
+        f"{res['prediction']['cost_gates_fwd_bwd_us_median']} µs (median of {res['prediction']['cost_gates_calls']}).",
         "",
         f"Figures: `benchmarks/results/latency-{lut['target_name']}.json`, plot "
         f"`benchmarks/results/latency-{lut['target_name']}.png`.",
@@ -108,7 +144,8 @@ def main(argv=None) -> None:
             r["calls"] for r in [*lut["entries"].values(), *nets])
         res = {"benchmark": "latency", "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                "code_version": code_version(), "quiet_load": args.quiet_load, "quiet": quiet, "waited_s": round(waited),
-               "clean_fraction": clean, "summary": latency.summary(lut), "lut": lut}
+               "clean_fraction": clean, "summary": latency.summary(lut), "prediction": prediction_speed(lut),
+               "lut": lut}
         atomic_write_json(RESULTS / f"latency-{name}.json", res)
         plot_predicted_vs_measured(lut, RESULTS / f"latency-{name}.png")
         upsert_section(RESULTS_MD, f"Latency LUT: {name}", markdown(res))
