@@ -23,6 +23,9 @@ def _tmp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); artifacts are read by other users and containers
+    # (a Triton server, a KFP step under another uid), so give it an ordinary file's mode.
+    os.chmod(tmp, 0o644)
     return Path(tmp)
 
 
