@@ -6,6 +6,7 @@ the report also works for partial DAGs (e.g. `dvc repro train-supernet` then `ta
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -93,7 +94,7 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
                          "-" if measured is None else f"{measured:.4f}",
                          "-" if err is None else f"{100 * err:+.1f}%"])
         if errs:
-            summary[lut["target_name"]] = {"median_abs_rel_err": round(sorted(errs)[len(errs) // 2], 4),
+            summary[lut["target_name"]] = {"median_abs_rel_err": round(statistics.median(errs), 4),
                                            "models": len(errs)}
     if not rows:
         return None
