@@ -185,6 +185,20 @@ def test_snapper_pairs_moves_when_every_single_raise_overshoots(space):
     assert 0.95 * budget <= cost.cost(snapped) <= budget, (str(snapped), cost.cost(snapped))
 
 
+def test_snapper_escapes_a_local_maximum_of_a_non_monotone_table(space):
+    """A calibrated LUT can make (k3, e3) dearer than its neighbours and (k7, e6) dearer still: from
+    all-k3e3 every change of one or two primitives lowers the cost, so the snapper must restart from
+    the dearest architecture and descend into the window."""
+    table = torch.zeros(space.n_units, space.max_depth, 3, 3, dtype=torch.float64)
+    table[:, :, 0, 0] = 1.0
+    table[:, :, 2, 2] = 2.0
+    cost = SlotCostModel("ms", 0.0, table, [3, 5, 7], [3, 4, 6], 2)
+    stuck = space.uniform(4, 3, 3)                   # 20 blocks at 1.0: a local maximum, cost 20
+    assert cheapest_arch(space, cost) != stuck and cost.cost(stuck) == 20.0
+    snapped = Snapper(space, cost, 0.05)(stuck, 30.0)
+    assert 28.5 <= cost.cost(snapped) <= 30.0, (str(snapped), cost.cost(snapped))
+
+
 def test_params_cost_model_counts_real_parameters(space):
     model = params_cost_model(space, 6)
     rng = random.Random(0)

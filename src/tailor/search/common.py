@@ -70,6 +70,19 @@ def cheapest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
     return Arch(tuple(units))
 
 
+def dearest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
+    """The architecture of highest cost the table allows: each slot's dearest entry, and per unit the
+    depth whose blocks add the most (a calibrated LUT can give a block a negative cost)."""
+    c, t = space.cfg, cost.table
+    units = []
+    for i in range(space.n_units):
+        best = [int(torch.argmax(t[i, j])) for j in range(space.max_depth)]
+        gain = [float(t[i, j].max()) for j in range(space.max_depth)]
+        depth = max(c.depths, key=lambda d: sum(gain[:d]))
+        units.append(tuple((c.kernels[b // len(c.expands)], c.expands[b % len(c.expands)]) for b in best[:depth]))
+    return Arch(tuple(units))
+
+
 # ---------------------------------------------------------------- scenarios
 @dataclass(frozen=True)
 class Scenario:
@@ -158,6 +171,7 @@ class Snapper:
         self.ki = {k: i for i, k in enumerate(self.kernels)}
         self.ei = {e: i for i, e in enumerate(self.expands)}
         self.floor = cheapest_arch(space, cost)
+        self.ceiling = dearest_arch(space, cost)
 
     def moves(self, units: list[list[list[int]]]) -> list[tuple[float, tuple]]:
         """(cost delta, move) for every one-primitive change of `units` (index form)."""
@@ -210,10 +224,19 @@ class Snapper:
 
     def __call__(self, arch: Arch, budget: float) -> Arch:
         lo = (1 - self.slack) * budget
-        units = self._index_form(arch)
-        c = self.cost.cost(arch)
         eps = 1e-9 * max(1.0, abs(budget))
-        hi = budget + eps
+        units, c = self._snap(self._index_form(arch), self.cost.cost(arch), lo - eps, budget + eps)
+        if c < lo - eps:
+            # Stuck below the window at a local maximum of a non-monotone table (no change of one
+            # or two primitives raises the cost within B): descend from the dearest arch instead.
+            again, c2 = self._snap(self._index_form(self.ceiling), self.cost.cost(self.ceiling), lo - eps, budget + eps)
+            if c < c2 <= budget + eps:
+                units = again
+        ks, es = self.kernels, self.expands
+        return Arch(tuple(tuple((ks[a], es[b]) for a, b in unit) for unit in units))
+
+    def _snap(self, units: list[list[list[int]]], c: float, lo: float, hi: float) -> tuple[list, float]:
+        """Down until within hi, then up towards [lo, hi]: (index-form units, their cost)."""
         while c > hi:
             down = [t for t in self.moves(units) if t[0] < 0]
             if not down:  # a local minimum of a non-monotone table: restart from the cheapest arch
@@ -223,7 +246,7 @@ class Snapper:
             d, m = max(inside or down, key=lambda t: t[0])
             self._apply(units, m)
             c += d
-        while c < lo - eps:
+        while c < lo:
             moves = self.moves(units)
             up = [(d, (m,)) for d, m in moves if 0 < d and c + d <= hi]
             if not up:
@@ -235,8 +258,7 @@ class Snapper:
             for m in ms:
                 self._apply(units, m)
             c += d
-        ks, es = self.kernels, self.expands
-        return Arch(tuple(tuple((ks[a], es[b]) for a, b in unit) for unit in units))
+        return units, c
 
 
 def sample_within(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, rng: random.Random,
