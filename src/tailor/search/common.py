@@ -7,6 +7,7 @@ not win by spending less or more than the budget allows).
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
@@ -57,17 +58,16 @@ def params_cost_model(space: SearchSpace, num_classes: int) -> SlotCostModel:
     return SlotCostModel("params", float(fixed), table, list(c.kernels), list(c.expands), min(c.depths))
 
 
+def _block_at(cfg, flat: int) -> tuple[int, int]:
+    """(kernel, expand) of a flat index into a slot's (kernels x expands) table."""
+    return cfg.kernels[flat // len(cfg.expands)], cfg.expands[flat % len(cfg.expands)]
+
+
 def cheapest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
     """The architecture of lowest cost the table allows (min_arch for MAdds; a LUT may differ)."""
     c, t = space.cfg, cost.table
-    units = []
-    for i in range(space.n_units):
-        blocks = []
-        for j in range(min(c.depths)):
-            flat = int(torch.argmin(t[i, j]))
-            blocks.append((c.kernels[flat // len(c.expands)], c.expands[flat % len(c.expands)]))
-        units.append(tuple(blocks))
-    return Arch(tuple(units))
+    return Arch(tuple(tuple(_block_at(c, int(torch.argmin(t[i, j]))) for j in range(min(c.depths)))
+                      for i in range(space.n_units)))
 
 
 def dearest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
@@ -79,7 +79,7 @@ def dearest_arch(space: SearchSpace, cost: SlotCostModel) -> Arch:
         best = [int(torch.argmax(t[i, j])) for j in range(space.max_depth)]
         gain = [float(t[i, j].max()) for j in range(space.max_depth)]
         depth = max(c.depths, key=lambda d: sum(gain[:d]))
-        units.append(tuple((c.kernels[b // len(c.expands)], c.expands[b % len(c.expands)]) for b in best[:depth]))
+        units.append(tuple(_block_at(c, b) for b in best[:depth]))
     return Arch(tuple(units))
 
 
@@ -223,15 +223,28 @@ class Snapper:
         return [[[self.ki[k], self.ei[e]] for k, e in unit] for unit in arch.units]
 
     def __call__(self, arch: Arch, budget: float) -> Arch:
-        lo = (1 - self.slack) * budget
         eps = 1e-9 * max(1.0, abs(budget))
-        units, c = self._snap(self._index_form(arch), self.cost.cost(arch), lo - eps, budget + eps)
-        if c < lo - eps:
-            # Stuck below the window at a local maximum of a non-monotone table (no change of one
-            # or two primitives raises the cost within B): descend from the dearest arch instead.
-            again, c2 = self._snap(self._index_form(self.ceiling), self.cost.cost(self.ceiling), lo - eps, budget + eps)
-            if c < c2 <= budget + eps:
-                units = again
+        lo, hi = (1 - self.slack) * budget - eps, budget + eps
+        units, c = self._snap(self._index_form(arch), self.cost.cost(arch), lo, hi)
+        if c < lo:
+            # Stuck below the window: every raise of one or two primitives passes B, or none raises
+            # the cost at all (a local maximum of a non-monotone table). Two more starts, each
+            # snapped down from above B: the stuck arch after the raise that passes B least (then
+            # small cuts can land inside), and the dearest arch. The highest result within B wins.
+            starts = []
+            over = [(d, m) for d, m in self.moves(units) if c + d > hi]
+            if over:
+                d, m = min(over, key=lambda t: t[0])
+                raised = copy.deepcopy(units)
+                self._apply(raised, m)
+                starts.append((raised, c + d))
+            starts.append((self._index_form(self.ceiling), self.cost.cost(self.ceiling)))
+            for start, cost in starts:
+                again, c2 = self._snap(start, cost, lo, hi)
+                if c < c2 <= hi:
+                    units, c = again, c2
+                if c >= lo:
+                    break
         ks, es = self.kernels, self.expands
         return Arch(tuple(tuple((ks[a], es[b]) for a, b in unit) for unit in units))
 
