@@ -95,6 +95,7 @@ def main(argv=None) -> None:
 
     from tailor import stages
     from tailor.config import load_params
+    from tailor.report import subnet_section
     from tailor.utils import atomic_write_json, code_version
 
     import torch
@@ -132,9 +133,7 @@ def main(argv=None) -> None:
         "stock": STOCK_TIN_SC10 if tin else [],
         "checks": {"max_test_sc_top1": supernet["subnets"]["max"]["test_sc_top1_mean"],
                    "min_test_sc_top1": supernet["subnets"]["min"]["test_sc_top1_mean"],
-                   "larger_is_more_accurate": (supernet["subnets"]["min"]["test_sc_top1_mean"]
-                                               < supernet["subnets"]["mid"]["test_sc_top1_mean"]
-                                               < supernet["subnets"]["max"]["test_sc_top1_mean"])},
+                   "larger_is_more_accurate": subnet_section("", supernet)[1]["larger_is_more_accurate"]},
         "params": p.model_dump(mode="json"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

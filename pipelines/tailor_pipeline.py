@@ -211,13 +211,14 @@ def build(opts: Options = DEFAULT_OPTIONS):
 
         # Every stage's Metrics artifact under the file name tailor.report expects. One latency table:
         # the target whose LUT the search's costs came from, else the first profiled.
+        report_target = lut_target or next(iter(targets))
+
         def metrics(stage: str):
             return tasks[stage].outputs["metrics"]
 
         step("report", C.report, data=metrics("prepare-data"), teacher=metrics("train-teacher"),
              supernet=metrics("train-supernet"),
-             latency=profiled[lut_target or next(iter(targets))].outputs["metrics"],
-             luts=luts[lut_target or next(iter(targets))],
+             latency=profiled[report_target].outputs["metrics"], luts=luts[report_target],
              search=metrics("search-collect"), search_table=tasks["search-collect"].outputs["table"],
              retrain=dsl.Collected(metrics("retrain")), export=metrics("export"), serve=metrics("serve-check"))
 
