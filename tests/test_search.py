@@ -14,6 +14,7 @@ from conftest import ROOT, tiny_params
 
 from tailor.config import SearchBudgets
 from tailor.cost import SlotCostModel, madds_cost_model
+from tailor.data import Meta
 from tailor.nets import StaticNet
 from tailor.search import (ArchGenerator, SearchError, Snapper, decode, gumbel_sigmoid_st, params_cost_model,
                            perturb, propose, resolve_budgets, scenario_grid)
@@ -358,22 +359,52 @@ def test_evolution_accepts_a_basic_architecture(tiny_run, searched, tmp_path):
                               searched["out"] / "predictor.pt")
 
 
+def madds_like_lut(p, path: Path, num_classes: int) -> Path:
+    """A latency table whose entries are each block's MAdds in ns plus 1 us of overhead: a network
+    where compute dominates, so costs are fine-grained and every budget window can be reached."""
+    from tailor import latency
+    from tailor.space import block_madds
+    from tailor.utils import atomic_write_json
+
+    space = SearchSpace(p.space, p.data.image_size)
+    specs = latency.distinct_specs(space)
+    entries = {k: {"ms": 0.05} for k in latency.table_keys(space, num_classes)}  # stem, head
+    entries.update({k: {"ms": block_madds(s.cin, s.cout, s.stride, s.res, s.kernel, s.expand, s.se) / 1e6 + 1e-3}
+                    for k, s in specs.items()})
+    atomic_write_json(path, latency.new_lut("cpu-torch", p.latency.targets["cpu-torch"], p.latency.protocol, space,
+                                            num_classes, 0, entries))
+    return path
+
+
 def test_budgets_in_milliseconds_from_a_latency_table(tiny_run, tmp_path):
-    """search.cost {kind: latency, lut}: budgets, the generator's cost term and the results are in ms."""
+    """search.cost {kind: latency, lut}: budgets, the generator's cost term and the results are in ms.
+
+    On a table profiled here every result must be within its budget; landing in the window
+    [0.95 B, B] as well is checked on a compute-dominated table. The tiny nets' real times are
+    dominated by per-block overhead, so their achievable costs can have gaps wider than the window
+    (measured: 44 tiny profiles, 166 of 8,800 random budgets below the window; on the three worst
+    profiles 111 of 118 misses had no arch in the window among 20,000 random ones), so in_window
+    there is mostly a property of the table, not of the search.
+    """
     from tailor import stages
 
     p = tiny_run["params"]
     stages.profile_latency(p, tiny_run["data"], tmp_path / "latency", tmp_path / "lat.json", ["cpu-torch"])
-    lut = tmp_path / "latency" / "cpu-torch.json"
-    p2 = tiny_params(search={"cost": {"kind": "latency", "lut": str(lut)},
-                             "budgets": {"kind": "fraction", "values": [0.3, 0.8]}})
-    for method in ("generator", "random"):
-        doc = search_run.run_search(p2, method, tiny_run["data"], tiny_run["supernet"], tmp_path / f"{method}.json",
-                                    generator_out=tmp_path / "g.pt")
-        assert doc["cost"]["unit"] == "ms" and doc["cost"]["lut"] == str(lut)
-        for row in doc["results"][method]["rows"]:
-            assert row["cost_unit"] == "ms" and row["latency_ms"] == row["cost"] <= row["budget"]
-            assert row["madds"] > 0 and row["in_window"]
+    profiled = tmp_path / "latency" / "cpu-torch.json"
+    fine = madds_like_lut(p, tmp_path / "fine.json", len(Meta.load(tiny_run["data"]).classes))
+    for lut in (profiled, fine):
+        p2 = tiny_params(search={"cost": {"kind": "latency", "lut": str(lut)},
+                                 "budgets": {"kind": "fraction", "values": [0.3, 0.8]}})
+        for method in ("generator", "random"):
+            doc = search_run.run_search(p2, method, tiny_run["data"], tiny_run["supernet"],
+                                        tmp_path / f"{method}.json", generator_out=tmp_path / "g.pt")
+            assert doc["cost"]["unit"] == "ms" and doc["cost"]["lut"] == str(lut)
+            for row in doc["results"][method]["rows"]:
+                assert row["cost_unit"] == "ms" and row["latency_ms"] == row["cost"] <= row["budget"]
+                assert row["madds"] > 0
+                if lut == fine:
+                    assert row["in_window"], (method, row)
+    lut = profiled
     bad = tiny_params(search={"cost": {"kind": "latency", "lut": str(lut)},
                               "budgets": {"kind": "absolute", "values": [1000.0]}})
     with pytest.raises(SearchError, match=r"search\.budgets\.values: 1000 outside the space's ms range"):
