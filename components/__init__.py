@@ -19,9 +19,10 @@ from components.search_predictor import search_predictor
 from components.search_random import search_random
 from components.search_superclasses import search_superclasses
 from components.serve_check import serve_check
+from components.train_stock import train_stock
 from components.train_supernet import train_supernet
 from components.train_teacher import train_teacher
 
 __all__ = ["DEFAULT_GPU_IMAGE", "DEFAULT_IMAGE", "GPU_IMAGE", "IMAGE", "export", "prepare_data", "profile_latency",
            "report", "retrain", "retrain_scenarios", "search_collect", "search_evolution", "search_generator", "search_nsga2", "search_predictor",
-           "search_random", "search_superclasses", "serve_check", "train_supernet", "train_teacher"]
+           "search_random", "search_superclasses", "serve_check", "train_stock", "train_supernet", "train_teacher"]

@@ -31,17 +31,19 @@ def gather_metrics(stage_metrics: dict, retrain: list):
 
 @tailor_component(additional_funcs=[*RUNTIME_FUNCS, gather_metrics])
 def report(params_yaml: str, data: Input[Metrics], teacher: Input[Metrics], supernet: Input[Metrics],
-           latency: Input[Metrics], search: Input[Metrics], search_table: Input[Markdown],
-           retrain: Input[List[Metrics]], export: Input[Metrics], serve: Input[Metrics],
-           luts: Input[Artifact], report: Output[Markdown], metrics: Output[Metrics]):
+           stock: Input[Metrics], latency: Input[Metrics], search: Input[Metrics], search_table: Input[Markdown],
+           search_results: Input[Artifact], retrain: Input[List[Metrics]], export: Input[Metrics], serve: Input[Metrics],
+           luts: Input[Artifact], report: Output[Markdown], metrics: Output[Metrics], plots: Output[Artifact]):
     """report: one Markdown page (rendered by the KFP UI) and a summary from every stage's metrics.
     `latency` and `luts`: the metrics and tables of one profile-latency task (the search's LUT
-    target, else the first)."""
+    target, else the first). `search_results`: search-collect's folder; `plots`: the Pareto PNGs and
+    their data."""
     from pathlib import Path
 
     from tailor import stages
 
-    metrics_dir = gather_metrics({"data": data, "teacher": teacher, "supernet": supernet, "latency": latency,
-                                  "search": search, "export": export, "serve": serve}, retrain)
+    metrics_dir = gather_metrics({"data": data, "teacher": teacher, "supernet": supernet, "stock": stock,
+                                  "latency": latency, "search": search, "export": export, "serve": serve}, retrain)
     log_metrics(metrics, stages.report(load_params(params_yaml), metrics_dir, Path(search_table.path),
-                                       Path(report.path), Path(metrics.path), Path(luts.path)))
+                                       Path(report.path), Path(metrics.path), Path(luts.path),
+                                       Path(search_results.path) / "results.json", Path(plots.path)))

@@ -50,6 +50,8 @@ STEPS: dict[str, Step] = {
     "prepare-data": Step(cpu="2", memory="8Gi"),
     "train-teacher": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
     "train-supernet": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
+    # The stock anchors: each network checkpoints per epoch and keeps its finished result.
+    "train-stock": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
     # Search: supernet evaluations (BN recalibration + validation) want the GPU; evolution and
     # NSGA-II spend their time in the accuracy predictor and only evaluate their final picks.
     "search-predictor": Step(cpu="8", memory="32Gi", gpu=True, retries=2),
@@ -176,6 +178,7 @@ def build(opts: Options = DEFAULT_OPTIONS):
         data = step("prepare-data", C.prepare_data).outputs["data"]
         teacher = step("train-teacher", C.train_teacher, data=data).outputs["teacher"]
         supernet = step("train-supernet", C.train_supernet, data=data, teacher=teacher).outputs["supernet"]
+        step("train-stock", C.train_stock, data=data)
 
         luts, profiled = {}, {}
         for name, target in targets.items():
@@ -197,11 +200,12 @@ def build(opts: Options = DEFAULT_OPTIONS):
             random = step("search-random", C.search_random, superclass=sc, data=data, supernet=supernet, **cost)
             nsga2 = step("search-nsga2", C.search_nsga2, superclass=sc, data=data, supernet=supernet,
                          predictor=predictor, **cost)
-        search = step("search-collect", C.search_collect, generator=generator.outputs["result"],
+        collect = step("search-collect", C.search_collect, generator=generator.outputs["result"],
                       evolution=evolution.outputs["result"], random=dsl.Collected(random.outputs["result"]),
-                      nsga2=dsl.Collected(nsga2.outputs["result"])).outputs["search"]
+                      nsga2=dsl.Collected(nsga2.outputs["result"]))
+        search = collect.outputs["search"]
 
-        scenarios = step("retrain-scenarios", C.retrain_scenarios).output
+        scenarios = step("retrain-scenarios", C.retrain_scenarios, data=data).output
         with dsl.ParallelFor(scenarios, parallelism=opts.parallelism) as scenario:
             retrained = step("retrain", C.retrain, scenario=scenario, data=data, supernet=supernet, search=search)
         repository = step("export", C.export, repo_url=repo_url, data=data,
@@ -217,9 +221,10 @@ def build(opts: Options = DEFAULT_OPTIONS):
             return tasks[stage].outputs["metrics"]
 
         step("report", C.report, data=metrics("prepare-data"), teacher=metrics("train-teacher"),
-             supernet=metrics("train-supernet"),
+             supernet=metrics("train-supernet"), stock=metrics("train-stock"),
              latency=profiled[report_target].outputs["metrics"], luts=luts[report_target],
              search=metrics("search-collect"), search_table=tasks["search-collect"].outputs["table"],
+             search_results=search,
              retrain=dsl.Collected(metrics("retrain")), export=metrics("export"), serve=metrics("serve-check"))
 
     return tailor

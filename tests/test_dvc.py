@@ -197,3 +197,25 @@ def test_push_to_s3_and_pull_back(reproduced, s3_env, tmp_path):  # noqa: F811
     assert "up to date" in dvc(repo, "status", TARGET, "--with-deps").stdout
     r = dvc(repo, "repro", TARGET)
     assert ran(r) == [], r.stdout
+
+
+def test_dvc_plots_show_renders_the_reports_plot_data(tiny_run, tmp_path):
+    """dvc.yaml's plots: section against the files the report stage writes (training curves, Pareto
+    points, the PNGs): `dvc plots show` renders them, as on a fresh clone after `./dev repro`."""
+    from tailor import stages
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy2(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    run(repo, "git", "init", "-q")
+    dvc(repo, "init", "-q")
+    stages.report(tiny_run["params"], tiny_run["root"] / "metrics", tmp_path / "none.md", repo / "reports" / "report.md",
+                  tmp_path / "summary.json")
+    r = dvc(repo, "plots", "show", "--json")
+    import json as _json
+
+    shown = _json.loads(r.stdout)
+    assert "reports/plots/pareto-madds.png" in shown, sorted(shown)
+    assert any(k.startswith("Training loss") for k in shown) and any(k.startswith("Test top-1 vs MAdds") for k in shown)
+    r = dvc(repo, "plots", "show", "-o", tmp_path / "html")
+    assert (tmp_path / "html" / "index.html").is_file()

@@ -401,3 +401,39 @@ def test_load_supernet_rebuilds_the_trained_network(tiny_run):
     for k, v in net.state_dict().items():
         assert torch.equal(v, sd[k]), k
     assert net.num_classes == ck["num_classes"] and net.space.image_size == ck["image_size"]
+
+
+def test_inplace_distillation_uses_the_steps_largest_subnet_not_the_teacher(tiny_run, tmp_path, monkeypatch):
+    """supernet.kd_source inplace (with teacher.epochs 0): the teacher network never runs; every
+    subnet after the first of a step distils from the first (the largest) subnet's detached logits."""
+    from tailor import stages
+    from tailor.supernet import SuperNet
+
+    p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace", "subnets_per_step": 3})
+    stages.train_teacher(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "t.json", tmp_path / "wt")
+    calls, forwards = [], []
+    real_kd, real_forward = stages.masked_kd, SuperNet.forward
+
+    def kd(student, teacher, keep, temperature):
+        calls.append(teacher)
+        return real_kd(student, teacher, keep, temperature)
+
+    def forward(self, x, arch=None):
+        out = real_forward(self, x, arch)
+        forwards.append((self.training, arch, out))
+        return out
+
+    monkeypatch.setattr(stages, "masked_kd", kd)
+    monkeypatch.setattr(SuperNet, "forward", forward)
+    m = stages.train_supernet(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "s.pt", tmp_path / "s.json",
+                              tmp_path / "ws")
+    train = [f for f in forwards if f[0]]
+    steps = len(train) // 3
+    assert steps > 0 and len(train) == 3 * steps, "only the student subnets ran in training (no teacher forward)"
+    assert len(calls) == 2 * steps
+    for s in range(steps):
+        largest = train[3 * s]
+        assert largest[1] == stages.SearchSpace(p.space, 16).max_arch
+        for t in calls[2 * s:2 * s + 2]:
+            assert not t.requires_grad and torch.equal(t, largest[2].detach())
+    assert all(h["kd"] > 0 for h in m["history"])

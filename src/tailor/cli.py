@@ -50,6 +50,16 @@ def train_supernet(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = 
     stages.train_supernet(_params(params, preset), data, teacher, out, metrics, work_dir)
 
 
+@app.command("train-stock")
+def train_stock(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
+                data: Path = Path("data/prepared"), out: Path = Path("models/stock"),
+                metrics: Path = Path("metrics/stock.json"), work_dir: Path = Path("runs/train-stock")):
+    """Train the stock torchvision MobileNetV3 anchors of stock.models (and specialists) by the same loop."""
+    from tailor import stages
+
+    stages.train_stock(_params(params, preset), data, out, metrics, work_dir)
+
+
 @app.command("profile-latency")
 def profile_latency(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                     data: Path = Path("data/prepared"), out_dir: Path = Path("latency"),
@@ -168,7 +178,10 @@ def export(models: Annotated[Optional[list[Path]], typer.Option(
 
     p = _params(params, preset)
     if not models:
-        models = [Path(f"retrain/{stages.scenario_id(s.superclass, s.budget)}/model.pt") for s in p.retrain.scenarios]
+        from tailor.data import Meta
+
+        models = [Path(f"retrain/{stages.scenario_id(sc, b)}/model.pt")
+                  for sc, b in stages.retrain_scenarios(p, Meta.load(data))]
     try:
         stages.export(p, models, data, repo, metrics, onnx_dir)
     except S3Error as e:
@@ -202,11 +215,16 @@ def report(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
            out: Path = Path("reports/report.md"), summary: Path = Path("metrics/report.json"),
            lut_dir: Annotated[Path, typer.Option(help="profile-latency's tables, for the chosen networks' "
                                                       "predicted vs measured latency (skipped when absent)")]
-           = Path("latency")):
-    """One Markdown report from every stage's metrics."""
+           = Path("latency"),
+           search_results: Annotated[Optional[Path], typer.Option(
+               help="search-collect's results.json, for the search picks in the pictures")] = None,
+           plots_dir: Annotated[Optional[Path], typer.Option(
+               help="Pareto PNGs and `dvc plots` data; default: plots/ beside --out")] = None):
+    """One Markdown report from every stage's metrics, with Pareto pictures and `dvc plots` data."""
     from tailor import stages
 
-    stages.report(_params(params, preset), metrics_dir, search_table, out, summary, lut_dir)
+    stages.report(_params(params, preset), metrics_dir, search_table, out, summary, lut_dir, search_results,
+                  plots_dir)
 
 
 def main() -> None:

@@ -122,7 +122,9 @@ class AugmentConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    epochs: int = Field(ge=1)
+    # 0: no teacher training; train-teacher writes the seeded initial weights (the supernet then
+    # trains from scratch and must distil in place: supernet.kd_source inplace).
+    epochs: int = Field(ge=0)
     optim: OptimConfig
 
 
@@ -143,6 +145,10 @@ class SupernetConfig(Strict):
     # Sandwich rule: each step's subnets include the largest (and, with >= 3 per step, the smallest).
     sandwich: bool
     kd_weight: float = Field(ge=0)
+    # Soft targets: 'teacher' (the train-teacher network, OFA) or 'inplace' (the largest subnet of
+    # the same step, detached, as in BigNAS: no separate teacher phase is needed, and the soft
+    # targets improve as the supernet does). With 'inplace' the largest subnet learns from labels only.
+    kd_source: Literal["teacher", "inplace"]
     kd_temperature: float = Field(gt=0)
     # EAS superclass dropout: each other superclass's logit group is dropped with this probability.
     superclass_dropout: float = Field(ge=0, le=1)
@@ -150,7 +156,10 @@ class SupernetConfig(Strict):
 
 
 class RetrainScenario(Strict):
-    superclass: str
+    # null: every superclass of the data (search.superclasses when set), so a preset can say "every
+    # superclass at this budget" without naming a dataset's superclasses. dvc.yaml's foreach needs
+    # named superclasses; tailor.stages.retrain_scenarios expands null for KFP and the benchmarks.
+    superclass: str | None
     budget: float = Field(gt=0)  # in the search's cost unit (see search.cost)
     # An explicit architecture string; null takes the one the search chose for this scenario.
     arch: str | None
@@ -164,6 +173,25 @@ class RetrainConfig(Strict):
     init: Literal["scratch", "inherit"]      # from scratch (TF-NAS) or fine-tune supernet weights
     data: Literal["superclass", "all"]       # train on the superclass only, or on all and slice the head
     epochs: int = Field(ge=1)
+    optim: OptimConfig
+
+
+class StockModel(Strict):
+    """A torchvision MobileNetV3, built by torchvision at a width multiplier."""
+
+    arch: Literal["mobilenet_v3_small", "mobilenet_v3_large"]
+    width: float = Field(gt=0, le=4)
+
+
+class StockConfig(Strict):
+    """Stock anchors trained by the same loop on the same data (tailor.stock): the comparison."""
+
+    models: list[StockModel] = Field(min_length=1)   # generalists: every class, scored per superclass
+    specialist: StockModel | None                    # one per superclass, trained on it alone; null: none
+    # null: the teacher's and the supernet's epochs together; a number must be at least that
+    # (checked), so that stock is never undertrained next to the tailored nets.
+    epochs: int | None = Field(ge=1)
+    specialist_epochs: int | None = Field(ge=1)
     optim: OptimConfig
 
 
@@ -339,10 +367,20 @@ class Params(Strict):
     teacher: TeacherConfig
     supernet: SupernetConfig
     retrain: RetrainConfig
+    stock: StockConfig
     latency: LatencyConfig
     search: SearchConfig
     export: ExportConfig
     serve: ServeConfig
+
+    @property
+    def spine_epochs(self) -> int:
+        """Epochs of the teacher and the supernet together: what the stock anchors get at least."""
+        return self.teacher.epochs + sum(ph.epochs for ph in self.supernet.phases)
+
+    def stock_epochs(self, specialist: bool = False) -> int:
+        e = self.stock.specialist_epochs if specialist else self.stock.epochs
+        return self.spine_epochs if e is None else e
 
     @model_validator(mode="after")
     def _phases_in_space(self):
@@ -351,6 +389,17 @@ class Params(Strict):
                 bad = sorted(set(getattr(ph, name)) - set(getattr(self.space, name)))
                 if bad:
                     raise ValueError(f"supernet.phases[{ph.name}].{name} has {bad}, not in space.{name}")
+        if self.teacher.epochs == 0 and self.supernet.kd_source == "teacher" and self.supernet.kd_weight > 0:
+            raise ValueError("teacher.epochs is 0 (an untrained teacher) but supernet.kd_source is 'teacher': "
+                             "distil from an untrained network? Use kd_source 'inplace', kd_weight 0, or epochs >= 1")
+        spine = self.spine_epochs
+        for field in ("epochs", "specialist_epochs"):
+            if getattr(self.stock, field) is not None and getattr(self.stock, field) < spine:
+                raise ValueError(f"stock.{field} is {getattr(self.stock, field)}, fewer than the teacher's and "
+                                 f"supernet's epochs together ({spine}): the stock anchors would be undertrained")
+        if self.supernet.kd_source == "inplace" and not self.supernet.sandwich:
+            raise ValueError("supernet.kd_source 'inplace' needs supernet.sandwich true: the largest subnet, "
+                             "trained first in each step, provides the soft targets")
         return self
 
 

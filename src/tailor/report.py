@@ -54,6 +54,86 @@ def subnet_section(title: str, m: dict) -> tuple[str, dict]:
     return "\n".join(text), summary
 
 
+def _pts(c: dict) -> str:
+    """A difference in points with its CI, e.g. '+3.2 [+0.4, +6.0]'."""
+    return f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
+
+
+def stock_section(stock: dict, supernet: dict | None) -> tuple[str, dict]:
+    """The stock anchors, and each supernet subnet beside the best of them at <= its MAdds."""
+    from tailor.headline import subnet_rows
+
+    rows = [[n, f"{m['madds'] / 1e6:.2f}", f"{m['params'] / 1e6:.2f}", m["epochs"], _pct(m["val_sc_top1_mean"]),
+             _pct(m["test_sc_top1_mean"]), _pct(m.get("test_top1")),
+             m.get("ort_cpu_latency_ms", {}).get("batch_1", "-"), m["train_seconds"]]
+            for n, m in stock["models"].items()]
+    text = ["## Stock anchors (torchvision MobileNetV3, same loop, data and augmentation)",
+            f"{stock['epochs']} epochs each (>= the teacher's and supernet's together), {stock['seconds']} s in all "
+            f"on {stock['device']}. MAdds with the all-class classifier; onnxruntime CPU latency at batch 1 "
+            "timed as `tailor export` times the tailored nets.", "",
+            _table(["network", "MAdds (M)", "params (M)", "epochs", "val sc-top-1", "test sc-top-1",
+                    "test all-class top-1", "ort ms (b=1)", "train s"], rows)]
+    summary = {"models": {n: {"madds": m["madds"], "test_sc_top1_mean": m["test_sc_top1_mean"]}
+                          for n, m in stock["models"].items()}}
+    if stock.get("specialists"):
+        sp = stock["specialists"]
+        text += ["", f"Specialists: one {next(iter(sp.values()))['arch']} w{next(iter(sp.values()))['width']:g} per "
+                     f"superclass, trained on its images alone for {stock['specialist_epochs']} epochs; mean test "
+                     f"top-1 {_pct(sum(m['test_sc_top1_mean'] for m in sp.values()) / len(sp))}: "
+                     + ", ".join(f"{sc} {_pct(m['test_sc_top1_mean'])}" for sc, m in sp.items()) + "."]
+        summary["specialists_mean"] = sum(m["test_sc_top1_mean"] for m in sp.values()) / len(sp)
+    if supernet:
+        srows, sub = [], {}
+        for r in subnet_rows(stock, supernet):
+            st = r.get("stock")
+            srows.append([r["subnet"], f"{r['madds'] / 1e6:.2f}", _pct(r["test_top1"]),
+                          st["name"] if st else "none at <= MAdds", f"{st['madds'] / 1e6:.2f}" if st else "-",
+                          _pct(st["test_top1"]) if st else "-", _pts(st) if st else "-"])
+            sub[r["subnet"]] = st and {k: st[k] for k in ("name", "diff", "lo", "hi")}
+        text += ["", "Supernet subnets (BN recalibrated, no retraining) against the best stock generalist (by val) "
+                     "at <= their MAdds; difference in points, 95% paired bootstrap CI over test images:", "",
+                 _table(["subnet", "MAdds (M)", "test sc-top-1", "best stock at <= MAdds", "its MAdds (M)",
+                         "its test sc-top-1", "subnet - stock (pts)"], srows)]
+        summary["subnets_vs_stock"] = sub
+    return "\n".join(text), summary
+
+
+def headline_section(stock: dict, retrains: list[dict], export: dict | None) -> tuple[str, dict] | None:
+    """Every retrained scenario beside the best stock net at <= its MAdds and at <= its latency."""
+    from tailor.headline import summary as compare
+
+    res = compare(stock, retrains, export)
+    if not res["rows"]:
+        return None
+    rows = []
+    for r in res["rows"]:
+        m, lat, sp = r.get("stock_madds"), r.get("stock_latency"), r.get("specialist")
+        rows.append([r["superclass"], f"{r['budget']:g}", f"{r['madds'] / 1e6:.2f}", _pct(r["test_top1"]),
+                     f"{m['name']} ({m['madds'] / 1e6:.2f}M, {_pct(m['test_top1'])})" if m else "none at <= MAdds",
+                     _pts(m) if m else "-", f"{m['cost_ratio']:.2f}" if m else "-",
+                     f"{lat['name']} ({lat['latency_ms']:.3f} ms, {_pct(lat['test_top1'])})" if lat else "-",
+                     _pts(lat) if lat else "-",
+                     _pts(sp) if sp else "-"])
+    text = ["## Headline: tailored networks vs stock MobileNetV3",
+            "Each retrained scenario (classifier over its superclass) against the stock generalist with the best "
+            "validation accuracy among those at <= its MAdds (classifier sliced to the superclass, as deployed) "
+            "and at <= its measured onnxruntime latency (batch 1, this machine), and against the superclass's "
+            "specialist. Differences: tailored - stock test top-1 in points, [95% paired bootstrap CI over the "
+            "superclass's test images]. Cost ratio: tailored MAdds / stock MAdds.", "",
+            _table(["superclass", "budget", "MAdds (M)", "tailored test top-1", "best stock at <= MAdds",
+                    "diff (pts)", "cost ratio", "best stock at <= latency", "diff (pts)", "vs specialist (pts)"],
+                   rows), ""]
+    for key, label in (("stock_madds", "best stock at <= MAdds"), ("stock_latency", "best stock at <= latency"),
+                       ("specialist", "the specialist")):
+        o = res[key]
+        if o:
+            text.append(f"- Mean over {o['scenarios']} scenarios, tailored - {label}: **{_pts(o)}** points "
+                        f"(wins / losses with the scenario's CI excluding 0: {o['wins']} / {o['losses']}"
+                        + ("; the CI includes 0: a tie" if o["lo"] <= 0 <= o["hi"] else "") + ").")
+    return "\n".join(text), {k: res[k] and {kk: res[k][kk] for kk in ("diff", "lo", "hi", "scenarios", "wins", "losses")}
+                             for k in ("stock_madds", "stock_latency", "specialist")}
+
+
 def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
     """The chosen (exported) networks' latency: predicted by each LUT of lut_dir, and measured.
 
@@ -108,6 +188,56 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
     return "\n".join(text), summary
 
 
+def _first_lut(lut_dir: Path | None) -> dict | None:
+    from tailor.latency import load_lut
+
+    luts = sorted(Path(lut_dir).glob("*.json")) if lut_dir and Path(lut_dir).is_dir() else []
+    return load_lut(luts[0]) if luts else None
+
+
+def write_plots(metrics_dir: Path, search_results: Path | None, lut_dir: Path | None, plots_dir: Path,
+                link_base: Path) -> list[str]:
+    """The Pareto PNGs (per superclass: accuracy vs MAdds and vs latency) and the flat JSON files
+    `dvc plots` reads (dvc.yaml's plots: section): Pareto points and every training curve.
+    Returns the Markdown lines that show the PNGs (paths relative to link_base)."""
+    import os
+
+    from tailor.pareto import plot_grid, points
+    from tailor.utils import atomic_write_json
+
+    metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    retrains = [json.loads(f.read_text()) for f in sorted((metrics_dir / "retrain").glob("*.json"))] \
+        if (metrics_dir / "retrain").is_dir() else []
+    search = _load(Path(search_results)) if search_results else None
+    lut = _first_lut(lut_dir)
+    rows = points(_load(metrics_dir / "supernet.json"), search, retrains, _load(metrics_dir / "stock.json"),
+                  _load(metrics_dir / "export.json"), lut)
+    atomic_write_json(plots_dir / "pareto.json", rows)
+    curves = []
+    for stage in ("teacher", "supernet"):
+        m = _load(metrics_dir / f"{stage}.json")
+        curves += [{"stage": stage, "network": stage, **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
+                   for h in (m or {}).get("history", [])]
+    stock = _load(metrics_dir / "stock.json") or {}
+    for name, m in [*stock.get("models", {}).items(), *((s["name"], s) for s in stock.get("specialists", {}).values())]:
+        curves += [{"stage": "stock", "network": name, **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
+                   for h in m.get("history", [])]
+    for r in retrains:
+        curves += [{"stage": "retrain", "network": f"{r['superclass']}@{r['budget']:g}",
+                    **{k: v for k, v in h.items() if isinstance(v, (int, float))}} for h in r.get("history", [])]
+    for c in curves:  # one loss column for every stage (the supernet's is CE + KD of its subnets)
+        c.setdefault("loss", round(c.get("ce", 0.0) + c.get("kd", 0.0), 6))
+    atomic_write_json(plots_dir / "training.json", curves)
+    lines = []
+    madds = plot_grid(rows, "madds_m", "MAdds (M)", "Test top-1 vs MAdds, per superclass", plots_dir / "pareto-madds.png")
+    lines.append(f"![accuracy vs MAdds]({os.path.relpath(madds, link_base)})")
+    if lut is not None:
+        lat = plot_grid(rows, "latency_ms", f"ms on {lut['target_name']} (LUT; stock: measured)",
+                        "Test top-1 vs latency, per superclass", plots_dir / "pareto-latency.png")
+        lines.append(f"![accuracy vs latency]({os.path.relpath(lat, link_base)})")
+    return lines
+
+
 def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | None = None) -> tuple[str, dict]:
     metrics_dir = Path(metrics_dir)
     parts = ["# tailor report", ""]
@@ -127,6 +257,13 @@ def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | N
             parts += [text, ""]
         else:
             missing.append(stage)
+
+    stock = _load(metrics_dir / "stock.json")
+    if stock:
+        text, summary["stock"] = stock_section(stock, _load(metrics_dir / "supernet.json"))
+        parts += [text, ""]
+    else:
+        missing.append("train-stock")
 
     lat = _load(metrics_dir / "latency.json")
     if lat:
@@ -171,6 +308,13 @@ def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | N
     else:
         missing.append("export")
 
+    if stock and retrains:
+        head = headline_section(stock, [json.loads(f.read_text()) for f in retrains], export)
+        if head:
+            # First thing a reader sees after the title.
+            parts[2:2] = [head[0], ""]
+            summary["headline"] = head[1]
+
     serve = _load(metrics_dir / "serve.json")
     if serve:
         rows = []
@@ -196,10 +340,15 @@ def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | N
 
 
 def report(metrics_dir: Path, search_table: Path | None, out_md: Path, summary_path: Path, provenance: dict,
-           lut_dir: Path | None = None) -> dict:
+           lut_dir: Path | None = None, search_results: Path | None = None, plots_dir: Path | None = None) -> dict:
+    """The report page, its summary, and (in plots_dir, default: beside the page in plots/) the
+    Pareto PNGs and `dvc plots` data."""
     from tailor.utils import atomic_write_json, atomic_write_text
 
     text, summary = build_report(metrics_dir, search_table, lut_dir)
+    plots_dir = Path(plots_dir) if plots_dir else Path(out_md).parent / "plots"
+    pictures = write_plots(metrics_dir, search_results, lut_dir, plots_dir, Path(out_md).parent)
+    text += "\n## Pictures\n" + "\n\n".join(pictures) + "\n"
     text += f"\n---\ncode version `{provenance['code_version']}`\n"
     atomic_write_text(out_md, text)
     atomic_write_json(summary_path, {**summary, "code_version": provenance["code_version"]})

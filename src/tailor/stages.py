@@ -78,15 +78,22 @@ class Context:
         it = b.epoch(seed, augment=False)
         return [next(it)[0] for _ in range(min(self.p.runtime.bn_recal_batches, b.num_batches(True)))]
 
-    def evaluate_subnet(self, supernet: SuperNet, arch: Arch, splits=("val", "test")) -> dict:
-        """Extract `arch`, recalibrate its BN on training batches, and score it on each split."""
+    def evaluate_subnet(self, supernet: SuperNet, arch: Arch, splits=("val", "test"), per_image: bool = False) -> dict:
+        """Extract `arch`, recalibrate its BN on training batches, and score it on each split.
+
+        `per_image` adds the test hits split by superclass ("test_correct"), for paired comparisons."""
         net = self.prepare_model(supernet.extract(arch))
         recalibrate_bn(net, self.recal_batches(self.p.seed))
         net.eval()
         out = {"arch": str(arch), "madds": self.space.madds(arch, self.num_classes)}
         with autocast(self.device, self.p.runtime):
             for split in splits:
-                out[split] = evaluate(net, self.batches(split), self.meta)
+                out[split] = evaluate(net, self.batches(split), self.meta, per_image=per_image and split == "test")
+        if per_image and "test" in splits:
+            from tailor.stock import split_by_superclass
+
+            out["test_correct"] = split_by_superclass(out["test"].pop("correct"), self.batches("test").y_cpu.numpy(),
+                                                      self.meta)
         return out
 
 
@@ -111,7 +118,8 @@ def _summary(evals: dict) -> dict:
     return {name: {"arch": e["arch"], "madds_m": round(e["madds"] / 1e6, 3),
                    **{f"{s}_sc_top1_mean": e[s]["sc_top1_mean"] for s in ("val", "test")},
                    **{f"{s}_top1": e[s]["top1"] for s in ("val", "test")},
-                   "test_images_per_s": e["test"]["images_per_s"], "test_sc_top1": e["test"]["sc_top1"]}
+                   "test_images_per_s": e["test"]["images_per_s"], "test_sc_top1": e["test"]["sc_top1"],
+                   **({"test_correct": e["test_correct"]} if "test_correct" in e else {})}
             for name, e in evals.items()}
 
 
@@ -138,7 +146,7 @@ def train_teacher(p: Params, data_dir: Path, out_path: Path, metrics_path: Path,
               warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
               Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
     model.eval()
-    evals = {"max": ctx.evaluate_subnet(model, arch)}
+    evals = {"max": ctx.evaluate_subnet(model, arch, per_image=True)}
     metrics = {"epochs": cfg.epochs, "train_seconds": round(res.seconds, 1), "device": str(ctx.device),
                "history": res.history, "subnets": _summary(evals)}
     save_supernet(out_path, model, ctx, p, "train-teacher", {"metrics": metrics})
@@ -154,6 +162,8 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
     ctx = Context(p, data_dir)
     cfg = p.supernet
     torch.manual_seed(p.seed)
+    # The teacher's weights initialise the supernet either way (with teacher.epochs 0 they are the
+    # seeded initial weights); it runs as a KD teacher only with kd_source 'teacher'.
     teacher, _ = load_supernet(teacher_path, ctx.device)
     teacher = ctx.prepare_model(teacher).eval()
     for q in teacher.parameters():
@@ -183,8 +193,10 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
         _, ph = phase_at(epoch)
         rng = random.Random(fingerprint(p.seed, epoch, i))
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
-        with torch.no_grad(), autocast(ctx.device, p.runtime):
-            t_logits = teacher(x)
+        t_logits = None
+        if cfg.kd_source == "teacher":
+            with torch.no_grad(), autocast(ctx.device, p.runtime):
+                t_logits = teacher(x)
         keep = superclass_keep_mask(sc, class_sc, cfg.superclass_dropout, gen)
         phase_min = ctx.space.uniform(min(ph.depths), min(ph.kernels), min(ph.expands))
         losses = {"ce": 0.0, "kd": 0.0}
@@ -200,7 +212,11 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
             with autocast(ctx.device, p.runtime):
                 logits = m(x, arch)
             ce = masked_cross_entropy(logits, y, keep, cfg.optim.label_smoothing)
-            kd = masked_kd(logits, t_logits, keep, cfg.kd_temperature)
+            if t_logits is None:  # in-place: the largest subnet (k == 0) learns from labels and teaches the rest
+                kd = torch.zeros((), device=logits.device)
+                t_logits = logits.detach()
+            else:
+                kd = masked_kd(logits, t_logits, keep, cfg.kd_temperature)
             ((ce + cfg.kd_weight * kd) / cfg.subnets_per_step).backward()
             losses["ce"] += ce.item() / cfg.subnets_per_step
             losses["kd"] += kd.item() / cfg.subnets_per_step
@@ -211,7 +227,8 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
     res = fit(model, ctx.batches("train", cfg.optim.batch_size), make_optimizer(model, cfg.optim), total, lr_at,
               step, Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
     model.eval()
-    evals = {name: ctx.evaluate_subnet(model, getattr(ctx.space, f"{name}_arch")) for name in ("min", "mid", "max")}
+    evals = {name: ctx.evaluate_subnet(model, getattr(ctx.space, f"{name}_arch"), per_image=True)
+             for name in ("min", "mid", "max")}
     metrics = {"epochs": total, "phases": [ph.name for ph in cfg.phases], "train_seconds": round(res.seconds, 1),
                "device": str(ctx.device), "superclass_dropout": cfg.superclass_dropout,
                "history": res.history, "subnets": _summary(evals)}
@@ -222,12 +239,32 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
     return metrics
 
 
+# ---------------------------------------------------------------- train-stock
+def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path) -> dict:
+    """Stock torchvision MobileNetV3 anchors (and per-superclass specialists) by the same loop and data."""
+    from tailor.stock import train_stock as run
+
+    return run(p, data_dir, out_dir, metrics_path, work_dir)
+
+
 # ---------------------------------------------------------------- retrain
 def scenario_id(superclass: str, budget: float) -> str:
     """A filesystem-safe key for a (superclass, budget) scenario, e.g. 'sc0__4000000', 'sc1__2p5'."""
     # Fixed-point, never an exponent: `:g` made 4000000 '4e06', while dvc.yaml's foreach spells the
     # same scenario's paths ${item.superclass}__${item.budget} = 'sc0__4000000'.
     return f"{superclass}__" + f"{float(budget):.6f}".rstrip("0").rstrip(".").replace(".", "p")
+
+
+def retrain_scenarios(p: Params, meta: Meta) -> list[tuple[str, float]]:
+    """(superclass, budget) of every scenario to retrain, a null superclass expanded to all of them."""
+    every = p.search.superclasses or meta.superclasses
+    out: list[tuple[str, float]] = []
+    for s in p.retrain.scenarios:
+        for sc in ([s.superclass] if s.superclass is not None else every):
+            meta.superclass_index(sc)  # an unknown name is one clear error, before any training
+            if (sc, s.budget) not in out:
+                out.append((sc, s.budget))
+    return out
 
 
 def budget_unit(p: Params) -> str:
@@ -320,12 +357,14 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
     specialised = ctx.prepare_model(specialised).eval()
     with autocast(ctx.device, p.runtime):
         val = evaluate(specialised, ctx.batches("val"), ctx.meta, classes=classes)
-        test = evaluate(specialised, ctx.batches("test"), ctx.meta, classes=classes)
+        test = evaluate(specialised, ctx.batches("test"), ctx.meta, classes=classes, per_image=True)
     metrics = {"superclass": superclass, "budget": budget, "budget_unit": budget_unit(p), "arch": str(arch),
                "madds": ctx.space.madds(arch, len(classes)), "init": cfg.init, "data": cfg.data,
                "epochs": cfg.epochs, "train_seconds": round(res.seconds, 1), "device": str(ctx.device),
                "val_top1": val["sc_top1_mean"], "test_top1": test["sc_top1_mean"],
-               "test_images_per_s": test["images_per_s"], "history": res.history}
+               "test_images_per_s": test["images_per_s"], "history": res.history,
+               # hits per test image of the superclass, in split order: the report pairs them with stock's
+               "test_correct": test["correct"]}
     save_specialized(out_path, specialised, ctx, p, arch, superclass, budget, classes, {"metrics": metrics})
     atomic_write_json(metrics_path, metrics)
     log(f"retrain {superclass} @ {budget:g}: {arch} test top-1 {test['sc_top1_mean']}")
@@ -396,7 +435,7 @@ def choose_arch(p: Params, search_dir: Path, superclass: str, budget: float) -> 
     retrain.method chose for the scenario in search_dir/results.json (written by search-collect).
     """
     for s in p.retrain.scenarios:
-        if s.arch and s.superclass == superclass and abs(s.budget - budget) <= 1e-9 * max(1.0, abs(budget)):
+        if s.arch and s.superclass in (None, superclass) and abs(s.budget - budget) <= 1e-9 * max(1.0, abs(budget)):
             return Arch.parse(s.arch)
     results = Path(search_dir) / "results.json"
     if not results.is_file():
@@ -722,11 +761,13 @@ def _server_version(urls: dict[str, str]) -> str | None:
 
 # ---------------------------------------------------------------- report
 def report(p: Params, metrics_dir: Path, search_table: Path, out_md: Path, summary_path: Path,
-           lut_dir: Path | None = None) -> dict:
+           lut_dir: Path | None = None, search_results: Path | None = None, plots_dir: Path | None = None) -> dict:
     """reports/report.md and a metrics summary from every stage's metrics files (and the latency
-    tables in lut_dir, for the chosen networks' predicted latency)."""
+    tables in lut_dir, for the chosen networks' predicted latency), with the Pareto pictures and
+    `dvc plots` data in plots_dir (default: reports/plots)."""
     from tailor.report import report as build
 
-    summary = build(metrics_dir, search_table, out_md, summary_path, provenance(p, "report"), lut_dir)
+    summary = build(metrics_dir, search_table, out_md, summary_path, provenance(p, "report"), lut_dir,
+                    search_results, plots_dir)
     log(f"report: {out_md}")
     return summary

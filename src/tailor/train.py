@@ -152,7 +152,7 @@ def fit(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, ep
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, meta: Meta,
-             classes: list[int] | None = None) -> dict:
+             classes: list[int] | None = None, per_image: bool = False) -> dict:
     """Top-1 metrics of `model` on a split.
 
     With `classes=None` the model has one logit per dataset class: report 50-way (all-class)
@@ -160,6 +160,8 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, me
     since the superclass is known at deployment), per superclass and their mean.
     With `classes` (a specialised model for one superclass, logits for those classes only),
     only samples of those classes are scored.
+    `per_image` adds "correct": a '0'/'1' string, one character per scored image in split order
+    (superclass-restricted), so that two models can be compared image by image (paired bootstrap).
     """
     class_sc = batches.sc_of_class
     n_sc = len(meta.superclasses)
@@ -169,6 +171,7 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, me
     seen = 0
     t0 = time.perf_counter()
     local = None
+    hits: list[torch.Tensor] = []
     if classes is not None:
         local = torch.full((len(meta.classes),), -1, dtype=torch.long, device=batches.device)
         local[torch.tensor(classes, device=batches.device)] = torch.arange(len(classes), device=batches.device)
@@ -185,6 +188,8 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, me
             own = class_sc[None, :] == sc[:, None]
             pred_sc = logits.masked_fill(~own, float("-inf")).argmax(1)
         seen += len(y)
+        if per_image:
+            hits.append((pred_sc == y).cpu())
         correct_sc.index_add_(0, sc, (pred_sc == y).float())
         count_sc.index_add_(0, sc, torch.ones_like(sc, dtype=torch.float))
     dt = time.perf_counter() - t0
@@ -194,4 +199,6 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, me
            "images": seen, "seconds": round(dt, 3), "images_per_s": round(seen / max(dt, 1e-9), 1)}
     if classes is None:
         out["top1"] = round(correct_all / max(1, seen), 5)
+    if per_image:
+        out["correct"] = "".join("1" if h else "0" for h in torch.cat(hits).tolist()) if hits else ""
     return out

@@ -1,0 +1,37 @@
+"""Confidence intervals for the comparisons the report makes (tailored vs stock, image by image)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_hits(correct: str) -> np.ndarray:
+    """The '0'/'1' string `train.evaluate(per_image=True)` writes -> a float array of 0s and 1s."""
+    return np.frombuffer(correct.encode(), dtype=np.uint8).astype(np.float64) - ord("0")
+
+
+def paired_bootstrap(groups: list[tuple[np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0,
+                     level: float = 0.95) -> dict:
+    """Mean over groups of mean(a) - mean(b), with a percentile bootstrap CI.
+
+    Each group is one comparison on one set of test images (a scenario's superclass): `a[i]` and
+    `b[i]` are two models' hits on the same image i. Images are resampled with replacement within
+    each group, the same indices for both models (paired), so the CI reflects which images the
+    test set happens to hold, not the models' training noise. Returns diff, lo, hi, n_images.
+    """
+    if not groups:
+        raise ValueError("paired_bootstrap: no groups")
+    for a, b in groups:
+        if len(a) != len(b) or len(a) == 0:
+            raise ValueError(f"paired_bootstrap: paired hit vectors need equal, non-zero lengths, got {len(a)}, {len(b)}")
+    rng = np.random.default_rng(seed)
+    diff = float(np.mean([a.mean() - b.mean() for a, b in groups]))
+    boots = np.zeros(resamples)
+    for a, b in groups:
+        d = a - b
+        idx = rng.integers(0, len(d), size=(resamples, len(d)))
+        boots += d[idx].mean(axis=1)
+    boots /= len(groups)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+    return {"diff": diff, "lo": float(lo), "hi": float(hi), "n_images": int(sum(len(a) for a, _ in groups)),
+            "resamples": resamples, "level": level}
