@@ -1,0 +1,95 @@
+"""Retraining choices measured: init (inherit / scratch), data (superclass / all), epochs.
+
+    .venv/bin/python benchmarks/retrain.py --preset configs/tin-sc10-cpu.yaml --work runs/tin-cpu \\
+        --scenarios 10 --variant inherit,superclass,3 --variant scratch,superclass,3 ...
+
+Needs a finished `benchmarks/dag.py` workspace (--work): its prepared data, supernet and search
+results. Retrains the first --scenarios scenarios of the preset's retrain grid under every
+--variant (init,data,epochs) with the same stage function as the DAG (tailor.stages.retrain, in
+--work/retrain-bench/), and compares each variant with the first one on the same test images:
+mean test top-1 and the paired difference with a 95% bootstrap CI (tailor.stats).
+
+Writes benchmarks/results/retrain-<name>.json and the "## Retrain choices: <name>" section of
+benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, RESULTS_MD, ROOT, upsert_section  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", action="append", default=[])
+    ap.add_argument("--work", required=True, help="a benchmarks/dag.py workspace")
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--scenarios", type=int, default=10, help="how many scenarios of the retrain grid")
+    ap.add_argument("--variant", action="append", required=True, help="init,data,epochs (the first is the reference)")
+    args = ap.parse_args(argv)
+
+    from tailor import stages
+    from tailor.config import load_params
+    from tailor.data import Meta
+    from tailor.stats import as_hits, paired_bootstrap
+    from tailor.utils import atomic_write_json, code_version
+
+    work = Path(args.work)
+    base = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset])
+    name = args.name or (Path(args.preset[-1]).stem if args.preset else "default")
+    data, supernet, search = work / "data" / "prepared", work / "models" / "supernet.pt", work / "search"
+    scenarios = stages.retrain_scenarios(base, Meta.load(data))[:args.scenarios]
+    variants = []
+    for v in args.variant:
+        init, what, epochs = v.split(",")
+        variants.append({"init": init, "data": what, "epochs": int(epochs)})
+    results = []
+    for v in variants:
+        p = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset], {"retrain": v})
+        tag = f"{v['init']}-{v['data']}-{v['epochs']}"
+        rows, t0 = [], time.perf_counter()
+        for sc, budget in scenarios:
+            sid = stages.scenario_id(sc, budget)
+            out = work / "retrain-bench" / tag / sid
+            mfile = out / "metrics.json"
+            if not mfile.is_file():
+                stages.retrain(p, data, supernet, sc, budget, stages.choose_arch(p, search, sc, budget),
+                               out / "model.pt", mfile, out / "work")
+            rows.append(json.loads(mfile.read_text()))
+        results.append({**v, "tag": tag, "rows": rows, "seconds": round(time.perf_counter() - t0, 1),
+                        "mean_test_top1": sum(r["test_top1"] for r in rows) / len(rows),
+                        "train_seconds": round(sum(r["train_seconds"] for r in rows), 1)})
+    ref = results[0]
+    for r in results:
+        r["vs_first"] = paired_bootstrap([(as_hits(a["test_correct"]), as_hits(b["test_correct"]))
+                                          for a, b in zip(r["rows"], ref["rows"])], seed=base.seed)
+    res = {"benchmark": "retrain", "name": name,
+           "command": "python benchmarks/retrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "code_version": code_version(),
+           "scenarios": [f"{sc}@{b:g}" for sc, b in scenarios],
+           "variants": [{k: v for k, v in r.items() if k != "rows"} | {"per_scenario": [
+               {"scenario": f"{x['superclass']}@{x['budget']:g}", "test_top1": x["test_top1"]} for x in r["rows"]]}
+               for r in results]}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / f"retrain-{name}.json", res)
+    lines = [f"`{res['command']}` — {res['date']} (code {res['code_version']}); {len(scenarios)} scenarios "
+             f"({', '.join(res['scenarios'])}), the architectures the DAG's search chose, test top-1 over each "
+             "scenario's superclass. Difference: against the first variant, paired over the same test images, "
+             "95% bootstrap CI.", "",
+             "| init | data | epochs | mean test top-1 | vs first (pts) | retrain s (all scenarios) |", "|---|---|---|---|---|---|"]
+    for r in results:
+        c = r["vs_first"]
+        lines.append(f"| {r['init']} | {r['data']} | {r['epochs']} | {100 * r['mean_test_top1']:.1f}% | "
+                     f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {r['train_seconds']} |")
+    upsert_section(RESULTS_MD, f"Retrain choices: {name}", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
