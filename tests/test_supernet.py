@@ -280,6 +280,10 @@ def test_training_step_through_a_slice_only_grads_the_slice():
     dg = blk.dw_conv.weight.grad
     inner = dg[:mid, :, o:o + k, o:o + k]
     assert inner.abs().sum() > 0
-    assert dg.abs().sum() == inner.abs().sum()  # the centre crop only: kernel weights are shared
+    # The centre crop only (kernel weights are shared): every gradient outside it is exactly zero.
+    # (Comparing the two float sums instead failed on some CPUs: summation order differs.)
+    outside = dg.clone()
+    outside[:mid, :, o:o + k, o:o + k] = 0
+    assert torch.count_nonzero(outside) == 0
     # Optional blocks that did not run get no gradient at all.
     assert sn.units[0][space.max_depth - 1].expand_conv.weight.grad is None
