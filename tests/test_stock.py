@@ -79,6 +79,20 @@ def test_bootstrap_ci_matches_the_normal_approximation():
     assert abs(r["diff"] - (a.mean() - b.mean())) < 1e-12
 
 
+def test_bootstrap_groups_on_the_same_images_share_their_resamples():
+    """One superclass at two budgets: the same test images, so not two independent samples. With a
+    shared key two copies of a group give exactly the CI of one; as independent keys it would shrink."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.random(300) < 0.7).astype(float), (rng.random(300) < 0.6).astype(float)
+    one = paired_bootstrap([(a, b)], seed=5)
+    shared = paired_bootstrap([(a, b), (a, b)], seed=5, keys=["sc", "sc"])
+    apart = paired_bootstrap([(a, b), (a, b)], seed=5, keys=["sc", "other"])
+    assert (shared["lo"], shared["hi"]) == pytest.approx((one["lo"], one["hi"]))
+    assert apart["hi"] - apart["lo"] < 0.85 * (shared["hi"] - shared["lo"])
+    with pytest.raises(ValueError, match="different numbers of images"):
+        paired_bootstrap([(a, b), (a[:5], b[:5])], keys=["sc", "sc"])
+
+
 def test_bootstrap_over_groups_averages_group_means():
     """Two scenarios of different sizes weigh equally, as a mean over scenarios does."""
     g1 = (np.ones(10), np.zeros(10))       # +1
@@ -206,7 +220,7 @@ def test_report_shows_the_headline_and_the_pictures(stock_run, tiny_run, tmp_pat
     kinds = {r["kind"] for r in rows}
     assert {"supernet subnet (test)", "retrained tailored (test)", "stock generalist (test)",
             "stock specialist (test)"} <= kinds
-    curves = json.loads((out.parent / "plots" / "training.json").read_text())
-    assert {c["stage"] for c in curves} == {"teacher", "supernet", "stock", "retrain"}
-    assert all("epoch" in c and "loss" in c for c in curves)
+    curves = {f.stem: json.loads(f.read_text()) for f in (out.parent / "plots" / "training").glob("*.json")}
+    assert {"teacher", "supernet", "stock-mobilenet_v3_small_w0.25", "retrain-sc0@300000"} <= set(curves)
+    assert all("epoch" in c and "loss" in c for rows in curves.values() for c in rows)
     assert oct(os.stat(png).st_mode & 0o777) == "0o644"

@@ -397,6 +397,9 @@ class Params(Strict):
             if getattr(self.stock, field) is not None and getattr(self.stock, field) < spine:
                 raise ValueError(f"stock.{field} is {getattr(self.stock, field)}, fewer than the teacher's and "
                                  f"supernet's epochs together ({spine}): the stock anchors would be undertrained")
+        if self.supernet.kd_source == "inplace" and self.supernet.subnets_per_step < 2:
+            raise ValueError("supernet.kd_source 'inplace' needs supernet.subnets_per_step >= 2: with one subnet "
+                             "per step the largest subnet has no one to teach")
         if self.supernet.kd_source == "inplace" and not self.supernet.sandwich:
             raise ValueError("supernet.kd_source 'inplace' needs supernet.sandwich true: the largest subnet, "
                              "trained first in each step, provides the soft targets")

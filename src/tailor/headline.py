@@ -71,7 +71,7 @@ def overall(rows: list[dict], stock: dict, retrains: list[dict], key: str, seed:
     'stock_latency', 'specialist'), CI by resampling test images within every scenario; wins and
     losses count the scenarios whose own CI excludes 0."""
     by_id = {(r["superclass"], r["budget"]): r for r in retrains}
-    groups, wins, losses = [], 0, 0
+    groups, keys, wins, losses = [], [], 0, 0
     for row in rows:
         c = row.get(key)
         if not c:
@@ -80,11 +80,12 @@ def overall(rows: list[dict], stock: dict, retrains: list[dict], key: str, seed:
         sc = row["superclass"]
         other = stock["specialists"][sc] if key == "specialist" else stock["models"][c["name"]]
         groups.append((as_hits(r["test_correct"]), as_hits(other["test_correct"][sc])))
+        keys.append(sc)  # one superclass at several budgets: the same test images
         wins += c["lo"] > 0
         losses += c["hi"] < 0
     if not groups:
         return None
-    return {**paired_bootstrap(groups, seed=seed), "scenarios": len(groups), "wins": int(wins), "losses": int(losses)}
+    return {**paired_bootstrap(groups, seed=seed, keys=keys), "scenarios": len(groups), "wins": int(wins), "losses": int(losses)}
 
 
 def summary(stock: dict, retrains: list[dict], export: dict | None, seed: int = 0) -> dict:

@@ -213,21 +213,24 @@ def write_plots(metrics_dir: Path, search_results: Path | None, lut_dir: Path | 
     rows = points(_load(metrics_dir / "supernet.json"), search, retrains, _load(metrics_dir / "stock.json"),
                   _load(metrics_dir / "export.json"), lut)
     atomic_write_json(plots_dir / "pareto.json", rows)
-    curves = []
+    # One file per network (DVC draws one line per file): plots/training/<network>.json.
+    histories = {}
     for stage in ("teacher", "supernet"):
-        m = _load(metrics_dir / f"{stage}.json")
-        curves += [{"stage": stage, "network": stage, **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
-                   for h in (m or {}).get("history", [])]
+        histories[stage] = (_load(metrics_dir / f"{stage}.json") or {}).get("history", [])
     stock = _load(metrics_dir / "stock.json") or {}
     for name, m in [*stock.get("models", {}).items(), *((s["name"], s) for s in stock.get("specialists", {}).values())]:
-        curves += [{"stage": "stock", "network": name, **{k: v for k, v in h.items() if isinstance(v, (int, float))}}
-                   for h in m.get("history", [])]
+        histories[f"stock-{name}"] = m.get("history", [])
     for r in retrains:
-        curves += [{"stage": "retrain", "network": f"{r['superclass']}@{r['budget']:g}",
-                    **{k: v for k, v in h.items() if isinstance(v, (int, float))}} for h in r.get("history", [])]
-    for c in curves:  # one loss column for every stage (the supernet's is CE + KD of its subnets)
-        c.setdefault("loss", round(c.get("ce", 0.0) + c.get("kd", 0.0), 6))
-    atomic_write_json(plots_dir / "training.json", curves)
+        histories[f"retrain-{r['superclass']}@{r['budget']:g}"] = r.get("history", [])
+    import shutil
+
+    shutil.rmtree(plots_dir / "training", ignore_errors=True)  # networks of an earlier run must not linger
+    for name, history in histories.items():
+        curve = [{k: v for k, v in h.items() if isinstance(v, (int, float))} for h in history]
+        for c in curve:  # one loss column for every stage (the supernet's is CE + KD of its subnets)
+            c.setdefault("loss", round(c.get("ce", 0.0) + c.get("kd", 0.0), 6))
+        if curve:
+            atomic_write_json(plots_dir / "training" / f"{name}.json", curve)
     lines = []
     madds = plot_grid(rows, "madds_m", "MAdds (M)", "Test top-1 vs MAdds, per superclass", plots_dir / "pareto-madds.png")
     lines.append(f"![accuracy vs MAdds]({os.path.relpath(madds, link_base)})")

@@ -10,26 +10,36 @@ def as_hits(correct: str) -> np.ndarray:
 
 
 def paired_bootstrap(groups: list[tuple[np.ndarray, np.ndarray]], resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> dict:
+                     level: float = 0.95, keys: list | None = None) -> dict:
     """Mean over groups of mean(a) - mean(b), with a percentile bootstrap CI.
 
     Each group is one comparison on one set of test images (a scenario's superclass): `a[i]` and
     `b[i]` are two models' hits on the same image i. Images are resampled with replacement within
     each group, the same indices for both models (paired), so the CI reflects which images the
-    test set happens to hold, not the models' training noise. Returns diff, lo, hi, n_images.
+    test set happens to hold, not the models' training noise. Groups with the same key (e.g. one
+    superclass at two budgets) are the same images: they share their resample indices, otherwise
+    the CI would treat them as independent samples and come out too narrow.
+    Returns diff, lo, hi, n_images.
     """
     if not groups:
         raise ValueError("paired_bootstrap: no groups")
-    for a, b in groups:
+    keys = list(range(len(groups))) if keys is None else list(keys)
+    if len(keys) != len(groups):
+        raise ValueError(f"paired_bootstrap: {len(keys)} keys for {len(groups)} groups")
+    for (a, b), k in zip(groups, keys):
         if len(a) != len(b) or len(a) == 0:
             raise ValueError(f"paired_bootstrap: paired hit vectors need equal, non-zero lengths, got {len(a)}, {len(b)}")
+        if len(a) != len(groups[keys.index(k)][0]):
+            raise ValueError(f"paired_bootstrap: groups of key {k!r} have different numbers of images")
     rng = np.random.default_rng(seed)
     diff = float(np.mean([a.mean() - b.mean() for a, b in groups]))
     boots = np.zeros(resamples)
-    for a, b in groups:
+    indices: dict = {}
+    for (a, b), k in zip(groups, keys):
         d = a - b
-        idx = rng.integers(0, len(d), size=(resamples, len(d)))
-        boots += d[idx].mean(axis=1)
+        if k not in indices:
+            indices[k] = rng.integers(0, len(d), size=(resamples, len(d)))
+        boots += d[indices[k]].mean(axis=1)
     boots /= len(groups)
     alpha = (1 - level) / 2
     lo, hi = np.quantile(boots, [alpha, 1 - alpha])

@@ -30,7 +30,7 @@ from tailor.config import Params, StockModel
 from tailor.data import Batches
 from tailor.nets import count_madds
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
-from tailor.utils import atomic_torch_save, atomic_write_json, file_hash, fingerprint, log
+from tailor.utils import atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 BUILDERS = {"mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
             "mobilenet_v3_large": torchvision.models.mobilenet_v3_large}
@@ -68,9 +68,14 @@ def _train_one(p: Params, ctx, name: str, m: StockModel, classes: list[int] | No
     """Train one stock network (on every class, or on `classes` only) and score it; cached in work_dir/name."""
     cfg = p.stock
     done = work_dir / name / "result.json"
-    fp = fingerprint("stock", p.seed, name, classes, epochs, p.augment.model_dump(), cfg.optim.model_dump(),
-                     p.export.latency_batch_sizes, file_hash(Path(ctx.data_dir) / "meta.json"))
-    if done.is_file():
+    # Everything the result depends on, code included: the work dir is not a DVC output, so a
+    # result kept there must not outlive a change DVC re-runs the stage for.
+    fp = fingerprint("stock", code_version(), p.seed, name, classes, epochs, p.augment.model_dump(),
+                     p.runtime.model_dump(), cfg.optim.model_dump(),
+                     {k: getattr(p.export, k) for k in ("opset", "intra_op_threads", "latency_batch_sizes",
+                                                        "latency_warmup", "latency_repeats")},
+                     file_hash(Path(ctx.data_dir) / "meta.json"))
+    if done.is_file() and (work_dir / name / "model.pt").is_file():
         res = json.loads(done.read_text())
         if res.get("fingerprint") == fp:
             log(f"train-stock {name}: done earlier ({done})")
