@@ -10,7 +10,7 @@ dataset's superclasses. A stage whose params and inputs are unchanged since it f
 and the training stages resume from their checkpoints, so a killed run continues when started again.
 
 Writes benchmarks/results/dag-<name>.json (stage wall times, the report's summary), copies the
-report and its pictures to benchmarks/results/dag-<name>/, and rewrites the "## DAG: <name>"
+report, its pictures and every stage's metrics to benchmarks/results/dag-<name>/, and rewrites the "## DAG: <name>"
 section of benchmarks/RESULTS.md with the headline table.
 """
 from __future__ import annotations
@@ -121,6 +121,7 @@ def main(argv=None) -> None:
     out_dir = RESULTS / f"dag-{name}"
     shutil.rmtree(out_dir, ignore_errors=True)
     shutil.copytree(work / "reports", out_dir)
+    shutil.copytree(work / "metrics", out_dir / "metrics")  # every stage's figures, per image where kept
     res = {"benchmark": "dag", "name": name,
            "command": "python benchmarks/dag.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "code_version": code_version(),

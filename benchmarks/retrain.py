@@ -57,6 +57,10 @@ def main(argv=None) -> None:
         for sc, budget in scenarios:
             sid = stages.scenario_id(sc, budget)
             out = work / "retrain-bench" / tag / sid
+            dag_metrics = work / "metrics" / "retrain" / f"{sid}.json"
+            if p.retrain == base.retrain and dag_metrics.is_file():
+                rows.append(json.loads(dag_metrics.read_text()))  # the DAG's own retrain, same params
+                continue
             # retrain resumes from its fingerprinted checkpoint: a finished variant is only re-scored.
             rows.append(stages.retrain(p, data, supernet, sc, budget, stages.choose_arch(p, search, sc, budget),
                                        out / "model.pt", out / "metrics.json", out / "work"))
