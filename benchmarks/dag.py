@@ -6,8 +6,9 @@ Calls the same stage functions, in the same order, as `dvc repro` (prepare-data,
 train-supernet, train-stock, profile-latency, search-*, retrain per scenario, export, serve-check,
 report), with outputs laid out as in the DVC workspace under --work. Unlike dvc.yaml's foreach,
 retrain.scenarios may leave superclass null (every superclass), so a preset need not name a
-dataset's superclasses. A stage whose params and inputs are unchanged since it finished is skipped,
-and the training stages resume from their checkpoints, so a killed run continues when started again.
+dataset's superclasses. A stage that finished under the same params is skipped (delete
+--work/done/<stage>.json to redo one), and the training stages resume from their checkpoints, so a
+killed run continues when started again.
 
 Writes benchmarks/results/dag-<name>.json (stage wall times, the report's summary), copies the
 report, its pictures and every stage's metrics to benchmarks/results/dag-<name>/, and rewrites the "## DAG: <name>"
@@ -31,7 +32,8 @@ SEARCH_METHODS = ("generator", "random", "evolution", "nsga2")
 
 
 def run(p, work: Path) -> dict:
-    """Every stage in DAG order; returns {stage: wall seconds} (0 for a stage skipped as done)."""
+    """Every stage in DAG order; returns ({stage: wall seconds}, the stages skipped as done earlier,
+    whose seconds are those recorded when they ran)."""
     from tailor import stages
     from tailor.data import Meta
     from tailor.utils import atomic_write_json, fingerprint
@@ -39,11 +41,13 @@ def run(p, work: Path) -> dict:
     key = fingerprint(p.model_dump(mode="json"))
     done_dir = work / "done"
     seconds: dict[str, float] = {}
+    skipped: list[str] = []
 
     def stage(name: str, fn, *args, **kwargs):
         marker = done_dir / f"{name}.json"
         if marker.is_file() and json.loads(marker.read_text()).get("params") == key:
-            seconds[name] = 0.0
+            seconds[name] = json.loads(marker.read_text())["seconds"]  # as measured when it ran
+            skipped.append(name)
             print(f"== {name}: done earlier", flush=True)
             return
         print(f"== {name}", flush=True)
@@ -78,7 +82,7 @@ def run(p, work: Path) -> dict:
     stage("serve-check", stages.serve_check, p, work / "triton", data, metrics / "serve.json")
     stage("report", stages.report, p, metrics, search / "table.md", work / "reports" / "report.md",
           metrics / "report.json", work / "latency", search / "results.json", work / "reports" / "plots")
-    return seconds
+    return seconds, skipped
 
 
 def headline_markdown(report_md: str) -> str:
@@ -115,7 +119,7 @@ def main(argv=None) -> None:
     work = Path(args.work)
     load_start = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
-    seconds = run(p, work)
+    seconds, skipped = run(p, work)
     total = round(time.perf_counter() - t0, 1)
     report_md = (work / "reports" / "report.md").read_text()
     out_dir = RESULTS / f"dag-{name}"
@@ -128,15 +132,15 @@ def main(argv=None) -> None:
            "cpu_threads": torch.get_num_threads(), "loadavg_start": load_start,
            "loadavg_end": [round(v, 2) for v in os.getloadavg()],
            "seconds": seconds, "total_seconds_this_invocation": total,
-           "stage_seconds_sum": round(sum(seconds.values()), 1),
+           "stage_seconds_sum": round(sum(seconds.values()), 1), "skipped_as_done": skipped,
            "summary": json.loads((work / "metrics" / "report.json").read_text()),
            "params": p.model_dump(mode="json")}
     atomic_write_json(RESULTS / f"dag-{name}.json", res)
-    resumed = any(v == 0.0 for v in seconds.values())
     body = [f"`{res['command']}` — {res['date']} (code {res['code_version']}, {res['cpu_threads']} CPU threads, "
             f"load average at start {load_start}, at end {res['loadavg_end']}).", "",
             f"Whole DAG: {res['stage_seconds_sum']} s of stages ({res['stage_seconds_sum'] / 60:.1f} min)"
-            + (" — some stages were done by an earlier invocation and count 0 here" if resumed else "") + ". Per stage: "
+            + (f"; timed when an earlier invocation ran them: {', '.join(skipped)}" if skipped else "")
+            + ". Per stage: "
             + ", ".join(f"{k} {v} s" for k, v in seconds.items()) + ".", "",
             headline_markdown(report_md), "",
             section_markdown(report_md, "## Stock anchors"), "",

@@ -129,6 +129,10 @@ def test_scenario_rows_compare_on_the_same_images():
     assert row["stock_madds"]["name"] == "mid_good_on_test"
     assert row["stock_madds"]["diff"] == pytest.approx(0.75 - 1.0)
     assert row["stock_madds"]["cost_ratio"] == pytest.approx(1.5)
+    stock2 = _stock(cheap=0.7, mid=0.6)  # the best at <= cost is now the cheap one; the dearest is still mid
+    (row2,) = scenario_rows(stock2, [retrain], export)
+    assert row2["stock_madds"]["name"] == "cheap" and row2["stock_equal_cost"]["name"] == "mid_good_on_test"
+    assert row2["stock_equal_cost"]["diff"] == pytest.approx(0.75 - 1.0)
     assert row["stock_latency"]["name"] == "cheap"  # only it is at <= 1.5 ms
     assert row["stock_latency"]["diff"] == pytest.approx(0.75 - 0.5)
     assert row["specialist"]["diff"] == pytest.approx(0.5)

@@ -32,8 +32,8 @@ def _compare(hits, other_hits, seed: int) -> dict:
 
 
 def scenario_rows(stock: dict, retrains: list[dict], export: dict | None, seed: int = 0) -> list[dict]:
-    """One row per retrained scenario: the tailored net beside the best stock at <= MAdds, at <= latency,
-    and the superclass's specialist."""
+    """One row per retrained scenario: the tailored net beside the best stock at <= MAdds, the dearest
+    stock at <= MAdds (the same cost class), the best stock at <= latency, and the specialist."""
     rows = []
     for r in retrains:
         sc = r["superclass"]
@@ -43,6 +43,13 @@ def scenario_rows(stock: dict, retrains: list[dict], export: dict | None, seed: 
         row = {"superclass": sc, "budget": r["budget"], "budget_unit": r.get("budget_unit", "MAdds"),
                "arch": r["arch"], "madds": r["madds"], "test_top1": r["test_top1"],
                "latency_ms": _latency_ms(export, sc, r["budget"])}
+        within = [(n, m) for n, m in stock["models"].items() if m["madds_by_superclass"][sc] <= r["madds"]]
+        if within:  # the dearest stock net within the budget: the same cost class, whether or not it is the best
+            name, m = max(within, key=lambda nm: nm[1]["madds_by_superclass"][sc])
+            row["stock_equal_cost"] = {"name": name, "madds": m["madds_by_superclass"][sc],
+                                       "test_top1": m["test_sc_top1"][sc],
+                                       "cost_ratio": r["madds"] / m["madds_by_superclass"][sc],
+                                       **_compare(hits, as_hits(m["test_correct"][sc]), seed)}
         by_madds = best_stock(stock, lambda m: m["madds_by_superclass"][sc] <= r["madds"])
         if by_madds:
             name, m = by_madds
@@ -68,7 +75,7 @@ def scenario_rows(stock: dict, retrains: list[dict], export: dict | None, seed: 
 
 def overall(rows: list[dict], stock: dict, retrains: list[dict], key: str, seed: int = 0) -> dict | None:
     """Mean over scenarios of tailored minus the `key` comparison of `rows` ('stock_madds',
-    'stock_latency', 'specialist'), CI by resampling test images within every scenario; wins and
+    'stock_equal_cost', 'stock_latency', 'specialist'), CI by resampling test images within every scenario; wins and
     losses count the scenarios whose own CI excludes 0."""
     by_id = {(r["superclass"], r["budget"]): r for r in retrains}
     groups, keys, wins, losses = [], [], 0, 0
@@ -91,7 +98,7 @@ def overall(rows: list[dict], stock: dict, retrains: list[dict], key: str, seed:
 def summary(stock: dict, retrains: list[dict], export: dict | None, seed: int = 0) -> dict:
     rows = scenario_rows(stock, retrains, export, seed)
     return {"rows": rows, **{k: overall(rows, stock, retrains, k, seed)
-                             for k in ("stock_madds", "stock_latency", "specialist")}}
+                             for k in ("stock_madds", "stock_equal_cost", "stock_latency", "specialist")}}
 
 
 def subnet_rows(stock: dict, supernet: dict, seed: int = 0) -> list[dict]:
