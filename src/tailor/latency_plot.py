@@ -77,6 +77,12 @@ def plot_predicted_vs_measured(lut: dict, path: str | Path) -> Path:
         ly += 18
     d.text((x0 + 24, ly + 6), "grey lines: y = x and +-5%", fill="black", font=small, anchor="lm")
 
+    return save_png(img, path)
+
+
+def save_png(img: Image.Image, path: Path) -> Path:
+    """Write `img` as a PNG atomically (temporary name beside `path`, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
     try:
         img.save(tmp, format="PNG")

@@ -7,13 +7,11 @@ the retrained nets, stock generalists and specialists) as flat rows, written as 
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from tailor.latency_plot import _nice_ticks
-from tailor.utils import _tmp_beside
+from tailor.latency_plot import _nice_ticks, save_png
 
 # kind -> (colour, filled, marker size): what a reader tells apart at a glance.
 STYLE = {
@@ -120,11 +118,4 @@ def plot_grid(rows: list[dict], x_key: str, x_label: str, title: str, path: str 
         yy = ly + 22 * (i // 3)
         d.ellipse([lx, yy + 3, lx + 10, yy + 13], fill=colour if filled else None, outline=colour, width=2)
         d.text((lx + 16, yy + 8), kind, fill="black", font=small, anchor="lm")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_png(img, path)
