@@ -18,7 +18,7 @@ from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, masked_kd,
-                          resolve_device, superclass_keep_mask, warmup_cosine)
+                          resolve_device, split_by_superclass, superclass_keep_mask, warmup_cosine)
 from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 
@@ -90,8 +90,6 @@ class Context:
             for split in splits:
                 out[split] = evaluate(net, self.batches(split), self.meta, per_image=per_image and split == "test")
         if per_image and "test" in splits:
-            from tailor.stock import split_by_superclass
-
             out["test_correct"] = split_by_superclass(out["test"].pop("correct"), self.batches("test").y_cpu.numpy(),
                                                       self.meta)
         return out

@@ -29,7 +29,8 @@ from tailor import data as datamod
 from tailor.config import Params, StockModel
 from tailor.data import Batches
 from tailor.nets import count_madds
-from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
+from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, split_by_superclass,
+                          warmup_cosine)
 from tailor.utils import atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 BUILDERS = {"mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
@@ -43,12 +44,6 @@ def build(m: StockModel, num_classes: int) -> nn.Module:
 
 def name_of(m: StockModel) -> str:
     return f"{m.arch}_w{m.width:g}"
-
-
-def split_by_superclass(correct: str, y: np.ndarray, meta) -> dict[str, str]:
-    """Per-image hits over the whole split -> per superclass, in split order (as evaluate(classes=) orders them)."""
-    sc_of = np.asarray(meta.class_superclass)[y]
-    return {name: "".join(c for c, s in zip(correct, sc_of) if s == i) for i, name in enumerate(meta.superclasses)}
 
 
 def _ort_latency_ms(net: nn.Module, p: Params, meta, images: np.ndarray) -> dict:

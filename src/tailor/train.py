@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,3 +203,9 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], batches: Batches, me
     if per_image:
         out["correct"] = "".join("1" if h else "0" for h in torch.cat(hits).tolist()) if hits else ""
     return out
+
+
+def split_by_superclass(correct: str, y: np.ndarray, meta) -> dict[str, str]:
+    """Per-image hits over the whole split -> per superclass, in split order (as evaluate(classes=) orders them)."""
+    sc_of = np.asarray(meta.class_superclass)[y]
+    return {name: "".join(c for c, s in zip(correct, sc_of) if s == i) for i, name in enumerate(meta.superclasses)}
