@@ -6,18 +6,21 @@
         candidate, redrawn while over budget), + snapping into the budget window. The EAS paper
         reports < 0.1 s for its generator and 3,474 s for OFA-T.
 
-    python benchmarks/search.py quality --data data/prepared --supernet models/supernet.pt [--preset P]
-        Every method on the same supernet and scenarios, with a larger search effort than the
-        default DAG (overrides below), then the per-scenario table: supernet validation accuracy of
-        the generator vs random vs OFA-T (and OFA-V, NSGA-II) at matched budgets.
+    python benchmarks/search.py quality --data D --supernet S [--preset P] [--name N] [--work W]
+        Every method on the same supernet and scenarios under the protocol params set (search.seeds,
+        search.evaluations per scenario, search on validation, report on test): the table of
+        search-collect, the generator's held-out learning curves and the predictor's quality.
 
-Each writes benchmarks/results/search-<name>.json and its own "## Search: ..." section of
+    python benchmarks/search.py ablation --data D --supernet S [--preset P] [--only V ...]
+        The generator alone (one seed), each of its design choices switched off in turn, and a
+        small lambda / normalisation sweep: held-out CE, test accuracy, paired difference vs full.
+
+Each writes benchmarks/results/search-<name>.json and its own "## Search..." section of
 benchmarks/RESULTS.md (other sections are left alone).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import os
@@ -31,20 +34,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, RESULTS_MD, ROOT, upsert_section  # noqa: E402
 
-# Search effort of the quality benchmark (the default DAG's is in params.yaml).
-QUALITY_OVERRIDES = {
-    "search": {
-        "superclasses": None,
-        "budgets": {"kind": "fraction", "values": [0.1, 0.3, 0.5, 0.7, 0.9]},
-        "generator": {"steps": 600, "batch_size": 32, "bn_context": 32, "candidates": 4, "lr": 0.005},
-        "random": {"samples": 10},
-        "predictor": {"samples": 100, "epochs": 400},
-        "evolution": {"population": 100, "generations": 30},
-        "nsga2": {"population": 100, "generations": 30},
-    },
-}
-
-
 def _stats(ts: list[float]) -> dict:
     ts = sorted(ts)
     return {"median_ms": round(1000 * statistics.median(ts), 4), "p90_ms": round(1000 * ts[int(0.9 * (len(ts) - 1))], 4),
@@ -54,6 +43,7 @@ def _stats(ts: list[float]) -> dict:
 # ---------------------------------------------------------------- latency
 def _time_generator(gen, space, cost, scen, slack: float, max_tries: int, threads: list[int], repeats: int) -> dict:
     from tailor.search import Snapper, propose
+    from tailor.search.generator import mode_decider
 
     snap = Snapper(space, cost, slack)
     sc = torch.tensor([s.sc for s in scen])
@@ -67,7 +57,7 @@ def _time_generator(gen, space, cost, scen, slack: float, max_tries: int, thread
         for i in range(repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
-                gen(sc, b)
+                gen(sc, b, mode_decider)  # the U autoregressive steps, mode decisions fed back
             runs["forward"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             raw = propose(gen, space, cost, None, scen, 1, max_tries, i)
@@ -100,7 +90,8 @@ def latency(args) -> dict:
     low, high = cost.low_high
     torch.manual_seed(0)
     cases.append(("untrained", "random weights (outputs far from the budgets: the most snapping work)",
-                  ArchGenerator(space, n_sc, low, high, cfg.embed_dim, cfg.hidden, cfg.anchors).eval(), cost, n_sc))
+                  ArchGenerator(space, n_sc, low, high, cfg.embed_dim, cfg.hidden, cfg.anchors,
+                                cfg.autoregressive).eval(), cost, n_sc))
     if args.generator:
         from tailor.search.generator import load_generator
 
@@ -149,104 +140,207 @@ def latency_markdown(res: dict, command: str) -> str:
 
 
 # ---------------------------------------------------------------- quality
-def quality(args) -> dict:
-    from tailor.config import load_params
-    from tailor.search import run
-    from tailor.search import propose
-    from tailor.search.common import load_setup
-    from tailor.search.generator import load_generator
-    from tailor.space import Arch
+def _params(args, extra: dict | None = None):
+    from tailor.config import deep_merge, load_params
 
-    overrides = copy.deepcopy(QUALITY_OVERRIDES)
-    overrides["runtime"] = {"threads": args.threads}
-    if args.steps:
-        overrides["search"]["generator"]["steps"] = args.steps
-    p = load_params(ROOT / "params.yaml", args.preset or [], overrides)
+    overrides = {"runtime": {"threads": args.threads}}
+    if extra:
+        overrides = deep_merge(overrides, extra)
+    return load_params(ROOT / "params.yaml", args.preset or [], overrides), overrides
+
+
+def _provenance(args) -> dict:
+    from tailor.utils import file_hash
+
+    return {"data": str(args.data), "supernet": str(args.supernet), "supernet_sha256_16": file_hash(args.supernet),
+            "data_meta_sha256_16": file_hash(Path(args.data) / "meta.json"),
+            "presets": [str(x) for x in args.preset or []]}
+
+
+def quality(args) -> dict:
+    """Every method under the protocol of params (search.seeds, search.evaluations, test reporting)."""
+    from tailor.search import run
+
+    p, overrides = _params(args)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    reused = []
+    reused, seconds = [], {}
     if args.reuse and (work / "predictor.pt").exists():
-        ck = torch.load(work / "predictor.pt", weights_only=False)
-        pred = {"quality": ck["quality"], "timing": ck["timing"]}
         reused.append("predictor")
     else:
-        pred = run.run_predictor(p, args.data, args.supernet, work / "predictor.pt")
+        t1 = time.perf_counter()
+        run.run_predictor(p, args.data, args.supernet, work / "predictor.pt")
+        seconds["predictor"] = round(time.perf_counter() - t1, 1)
     for m in run.METHODS:
         if args.reuse and (work / f"{m}.json").exists():
             reused.append(m)
             continue
+        t1 = time.perf_counter()
         run.run_search(p, m, args.data, args.supernet, work / f"{m}.json", work / "predictor.pt", work / "generator.pt")
+        seconds[m] = round(time.perf_counter() - t1, 1)
     metrics = run.collect(p, [work / f"{m}.json" for m in run.METHODS], work / "results.json", work / "table.md",
                           work / "metrics.json")
     results = json.loads((work / "results.json").read_text())
-    methods = results["methods"]
-    setup = load_setup(p, args.data, args.supernet)
-    # The same trained generator with as many candidates per scenario as random search measures per
-    # budget: is G's distribution better than uniform at an equal number of measured candidates?
-    k = p.search.random.samples
-    name_k = f"generator-{k}cand"
-    gen_model, _, _ = load_generator(work / "generator.pt")
-    t1 = time.perf_counter()
-    cands = propose(gen_model, setup.space, setup.cost, setup.snap, setup.scenarios, k, p.search.generator.max_tries,
-                    1)
-    rows = [setup.row(s, max(cs, key=lambda a, s=s: setup.evaluator.acc(a, s.superclass)), candidates=len(cs))
-            for s, cs in zip(setup.scenarios, cands)]
-    methods[name_k] = {"rows": rows, "timing": {"one_time_s": methods["generator"]["timing"]["one_time_s"],
-                                                "scenarios_s": round(time.perf_counter() - t1, 3)}}
-    # Test-split accuracy of the same picks: the generator and random search choose among candidates
-    # by validation accuracy, so their validation figures carry a selection bias that test does not.
-    t1 = time.perf_counter()
-    for m in methods.values():
-        for r in m["rows"]:
-            r["test_acc"] = setup.evaluator.test_acc(Arch.parse(r["arch"]), r["superclass"])
-    test_s = time.perf_counter() - t1
-    paired = {}
-    for split in ("val_acc", "test_acc"):
-        gen = {(r["superclass"], r["budget"]): r[split] for r in methods["generator"]["rows"]}
-        for name in (name_k, "random", "ofa-t", "ofa-v", "nsga2"):
-            d = [gen[(r["superclass"], r["budget"])] - r[split] for r in methods[name]["rows"]]
-            paired.setdefault(name, {})[split] = {
-                "mean_diff": round(statistics.mean(d), 5), "wins": sum(x > 0 for x in d),
-                "ties": sum(x == 0 for x in d), "losses": sum(x < 0 for x in d)}
-    means = {name: {split: round(statistics.mean(r[split] for r in m["rows"]), 5) for split in ("val_acc", "test_acc")}
-             for name, m in methods.items()}
-    from tailor.utils import file_hash
-
-    return {"benchmark": "search-quality", "data": str(args.data), "supernet": str(args.supernet),
-            "supernet_sha256_16": file_hash(args.supernet), "data_meta_sha256_16": file_hash(Path(args.data) / "meta.json"),
-            "presets": [str(x) for x in args.preset or []], "overrides": overrides,
-            "generator_steps": p.search.generator.steps, "seconds": round(time.perf_counter() - t0, 1),
-            "predictor": pred, "metrics": metrics, "means": means,
-            "extra_methods": {name_k: methods[name_k]["timing"]}, "generator_vs": paired,
-            "test_eval_s": round(test_s, 1), "reused": reused, "table": (work / "table.md").read_text(),
+    gen = results["methods"]["generator"]["seeds"]
+    curves = {seed: [{k: c[k] for k in ("step", "heldout_ce", "heldout_acc", "mode_abs_gap")}
+                     for c in run_["heldout_curve"]] for seed, run_ in gen.items()}
+    predictor = {seed: r["predictor_quality"] for seed, r in results["methods"]["ofa-t"]["seeds"].items()}
+    return {"benchmark": "search-quality", **_provenance(args), "overrides": overrides,
+            "supernet_spread": _spread(p, args, work / "predictor.pt"),
+            "search_params": p.search.model_dump(mode="json"), "seconds": round(time.perf_counter() - t0, 1),
+            "stage_seconds": seconds, "metrics": metrics, "generator_heldout_curves": curves,
+            "predictor_quality": predictor, "reused": reused, "table": (work / "table.md").read_text(),
             "results": results}
 
 
+def _spread(p, args, predictor_path: Path) -> dict:
+    """How much the supernet's accuracy depends on the architecture at all: over the predictor's
+    uniformly sampled subnets (first seed), the spread of each superclass's validation accuracy
+    across architectures, beside the binomial standard error of one such accuracy; and how the
+    mean accuracy over superclasses follows the cost. When the spread is below the noise, no search
+    method can choose better than another, and G has no accuracy signal to learn."""
+    from tailor.cost import madds_cost_model
+    from tailor.data import Meta
+    from tailor.space import Arch, SearchSpace
+
+    ck = torch.load(predictor_path, map_location="cpu", weights_only=False)
+    rows = ck["seeds"][str(p.search.seeds[0])]["data"]
+    meta = Meta.load(args.data)
+    space = SearchSpace(p.space, meta.image_size)
+    madds = madds_cost_model(space, len(meta.classes))
+    scs = list(rows[0]["acc"])
+    acc = torch.tensor([[r["acc"][s] for s in scs] for r in rows], dtype=torch.float64)   # (archs, superclasses)
+    cost = torch.tensor([madds.cost(Arch.parse(r["arch"])) for r in rows], dtype=torch.float64)
+    n_val = {}
+    import numpy as np
+
+    y = np.load(Path(args.data) / "val" / "y.npy")
+    for t, name in enumerate(meta.superclasses):
+        n_val[name] = int(sum(meta.class_superclass[c] == t for c in y.tolist()))
+    m = acc.mean()
+    se = [float((acc[:, i].mean() * (1 - acc[:, i].mean()) / n_val[s]).sqrt()) for i, s in enumerate(scs)]
+    mean_arch = acc.mean(1)
+    corr = float(torch.corrcoef(torch.stack([mean_arch, cost]))[0, 1])
+    return {"archs": len(rows), "madds_range_m": [round(float(cost.min()) / 1e6, 3), round(float(cost.max()) / 1e6, 3)],
+            "mean_acc": round(float(m), 4),
+            "std_across_archs_per_superclass": {s: round(float(acc[:, i].std()), 4) for i, s in enumerate(scs)},
+            "binomial_se_per_superclass": {s: round(v, 4) for s, v in zip(scs, se)},
+            "std_of_mean_over_superclasses": round(float(mean_arch.std()), 4),
+            "corr_mean_acc_with_madds": round(corr, 3)}
+
+
+def _curve_cell(curve: list[dict], key: str) -> str:
+    return f"{curve[0][key]:.3f} -> {curve[-1][key]:.3f}"
+
+
 def quality_markdown(res: dict, command: str) -> str:
-    m = {**res["metrics"]["methods"], **res["extra_methods"]}
+    sp = res["search_params"]
     reused = f"; method results reused from the run before: {', '.join(res['reused'])}" if res["reused"] else ""
     lines = [f"`{command}` — {res['date']} (code {res['code_version']}, load average at start {res['loadavg']}, "
-             f"{res['seconds']:.0f} s in all{reused})", "",
+             f"{res['seconds']:.0f} s in all{reused}; seconds per stage {json.dumps(res['stage_seconds'])})", "",
              f"Supernet `{res['supernet']}` (sha256 {res['supernet_sha256_16']}...) on `{res['data']}` (meta.json "
-             f"sha256 {res['data_meta_sha256_16']}...); search effort above the default DAG's: "
-             f"`{json.dumps(res['overrides']['search'])}`. Accuracy predictor: "
-             f"{json.dumps(res['predictor']['quality'])}.", "",
-             "Validation accuracy is what every method optimises and reports; the generator and random search "
-             "pick among candidates by it, so the test-split accuracy of the same picks (never used to choose) "
-             "is shown too. `generator-Ncand` is the same trained generator sampling as many candidates per "
-             "scenario as random search measures per budget (search.random.samples).", "",
-             "| method | mean val acc | mean test acc | generator minus it, val (mean; wins / ties / losses) | "
-             "generator minus it, test | one-time cost (s) | all scenarios (s) |", "|---|---|---|---|---|---|---|"]
-    for name, v in m.items():
-        vs = res["generator_vs"].get(name)
-        cells = ["-", "-"] if vs is None else [
-            f"{vs[k]['mean_diff']:+.4f}; {vs[k]['wins']} / {vs[k]['ties']} / {vs[k]['losses']}"
-            for k in ("val_acc", "test_acc")]
-        lines.append(f"| {name} | {res['means'][name]['val_acc']:.4f} | {res['means'][name]['test_acc']:.4f} | "
-                     f"{cells[0]} | {cells[1]} | {v['one_time_s']:.1f} | {v['scenarios_s']:.3f} |")
-    lines += ["", "Per scenario:", "", res["table"].strip(), "",
-              "Figures: `benchmarks/results/search-quality.json`."]
+             f"sha256 {res['data_meta_sha256_16']}...), presets {res['presets']}. Protocol: seeds {sp['seeds']}, "
+             f"{sp['evaluations']} supernet evaluations per scenario for every method, search on the validation "
+             f"split only, every pick reported on the test split. Generator: "
+             f"`{json.dumps(sp['generator'])}`.", "",
+             res["table"].strip(), "",
+             "Generator learning curve (mode architectures of every superclass at the grid's lowest, middle and "
+             "highest budget, on the validation images held out of its gradient; start -> end of training):", "",
+             "| seed | held-out CE | held-out accuracy | mean abs cost gap / budget |", "|---|---|---|---|"]
+    for seed, c in res["generator_heldout_curves"].items():
+        lines.append(f"| {seed} | {_curve_cell(c, 'heldout_ce')} | {_curve_cell(c, 'heldout_acc')} | "
+                     f"{_curve_cell(c, 'mode_abs_gap')} |")
+    sp_ = res["supernet_spread"]
+    stds, ses = list(sp_["std_across_archs_per_superclass"].values()), list(sp_["binomial_se_per_superclass"].values())
+    lines += ["", f"How much the supernet's accuracy depends on the architecture (the predictor's {sp_['archs']} "
+              f"uniform subnets, {sp_['madds_range_m'][0]}-{sp_['madds_range_m'][1]} M MAdds, first seed): each "
+              f"superclass's validation accuracy varies across architectures by a standard deviation of "
+              f"{100 * min(stds):.1f}-{100 * max(stds):.1f} points, while one such accuracy has a binomial standard "
+              f"error of {100 * min(ses):.1f}-{100 * max(ses):.1f} points; the mean over superclasses varies by "
+              f"{100 * sp_['std_of_mean_over_superclasses']:.2f} points and correlates with MAdds at "
+              f"r = {sp_['corr_mean_acc_with_madds']}."]
+    q = res["predictor_quality"]
+    lines += ["", "Accuracy predictor per seed (held-out archs): " + "; ".join(
+        f"seed {s}: {v.get('train_archs')} train archs, holdout RMSE {v.get('holdout_rmse')} (of the mean "
+        f"{v.get('holdout_rmse_of_mean')}), Kendall tau {v.get('holdout_kendall_tau')}" for s, v in q.items()), "",
+        f"Figures: `benchmarks/results/search-{res['name']}.json`."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- generator ablation
+ABLATIONS = {
+    # name: generator overrides (everything else as the preset says)
+    "full": {},
+    "constant input (not autoregressive)": {"autoregressive": False},
+    "one scenario per update (equal scenario-forwards)": {"scenarios_per_step": 1, "steps_x_grid": True},
+    "BN: batch statistics (earlier scheme)": {"bn": "batch"},
+    "lambda 1": {"budget_weight": 1.0},
+    "lambda 100": {"budget_weight": 100.0},
+    "budget term / B (lambda 10)": {"budget_norm": "budget"},
+}
+
+
+def ablation(args) -> dict:
+    """The generator alone, one seed, each change of issue 10 switched off in turn and a small
+    lambda / normalisation sweep: held-out CE start -> end, the picks' test accuracy under the
+    protocol's evaluations, and the paired per-scenario difference against `full`."""
+    from tailor.search import run
+    from tailor.stats import mean_ci
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    p0, _ = _params(args)
+    names = args.only or list(ABLATIONS)
+    out, t0 = {}, time.perf_counter()
+    for name in names:
+        g = dict(ABLATIONS[name])
+        if g.pop("steps_x_grid", False):
+            from tailor.data import Meta
+
+            g["steps"] = p0.search.generator.steps * len(p0.search.superclasses or Meta.load(args.data).superclasses)
+        p, _ = _params(args, {"search": {"seeds": [args.seed], "generator": g}})
+        path = work / f"ablation-{abs(hash(name)) % 10 ** 8}.json"
+        if not (args.reuse and path.exists()):
+            run.run_search(p, "generator", args.data, args.supernet, path, generator_out=work / "ablation-g.pt")
+        doc = json.loads(path.read_text())
+        r = doc["results"]["generator"]
+        seed_run = r["seeds"][str(args.seed)]
+        out[name] = {"overrides": g, "rows": r["rows"], "curve": seed_run["heldout_curve"],
+                     "train_s": seed_run["timing"]["train_s"], "evaluations": seed_run["evaluations"],
+                     "mean_test_acc": round(statistics.mean(x["test_acc"] for x in r["rows"]), 5),
+                     "mean_val_acc": round(statistics.mean(x["val_acc"] for x in r["rows"]), 5)}
+    if "full" in out:
+        ref = {(x["superclass"], x["budget"]): x["test_acc"] for x in out["full"]["rows"]}
+        for name, v in out.items():
+            d = [x["test_acc"] - ref[(x["superclass"], x["budget"])] for x in v["rows"]]
+            ci = mean_ci(d)
+            v["minus_full"] = {"mean": round(ci["mean"], 5), "ci": [round(ci["lo"], 5), round(ci["hi"], 5)],
+                               "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d)}
+    return {"benchmark": "search-ablation", **_provenance(args), "seed": args.seed,
+            "search_params": p0.search.model_dump(mode="json"), "seconds": round(time.perf_counter() - t0, 1),
+            "variants": out}
+
+
+def ablation_markdown(res: dict, command: str) -> str:
+    sp = res["search_params"]
+    lines = [f"`{command}` — {res['date']} (code {res['code_version']}, load average at start {res['loadavg']}, "
+             f"{res['seconds']:.0f} s in all)", "",
+             f"Supernet `{res['supernet']}` (sha256 {res['supernet_sha256_16']}...), presets {res['presets']}; "
+             f"seed {res['seed']}; every variant re-ranks {sp['evaluations']} candidates per scenario on "
+             f"validation and is reported on test. Base generator settings: `{json.dumps(sp['generator'])}`. "
+             f"Held-out CE / accuracy: mode architectures on the validation images kept out of the gradient, "
+             f"start -> end of training. Minus full: per-scenario test-accuracy difference, mean [95% t-CI "
+             f"over scenarios], wins / losses.", "",
+             "| variant | held-out CE | held-out acc | test acc (%) | val acc (%) | minus full (pts) | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, v in res["variants"].items():
+        mf = v.get("minus_full")
+        mtxt = "-" if mf is None or name == "full" else (
+            f"{100 * mf['mean']:+.1f} [{100 * mf['ci'][0]:+.1f}, {100 * mf['ci'][1]:+.1f}]; {mf['wins']} / {mf['losses']}")
+        lines.append(f"| {name} | {_curve_cell(v['curve'], 'heldout_ce')} | {_curve_cell(v['curve'], 'heldout_acc')} | "
+                     f"{100 * v['mean_test_acc']:.1f} | {100 * v['mean_val_acc']:.1f} | {mtxt} | {v['train_s']:.0f} |")
+    lines += ["", f"Figures: `benchmarks/results/search-{res['name']}.json`."]
     return "\n".join(lines)
 
 
@@ -260,31 +354,37 @@ def main() -> None:
     a.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     a.add_argument("--generator", type=Path, help="a trained search/generator.pt (default: an untrained generator)")
     b = sub.add_parser("quality")
-    b.add_argument("--data", type=Path, default=ROOT / "data" / "prepared")
-    b.add_argument("--supernet", type=Path, default=ROOT / "models" / "supernet.pt")
-    b.add_argument("--preset", type=Path, action="append")
-    b.add_argument("--steps", type=int, help="generator training steps (default: the benchmark's override)")
-    b.add_argument("--work", default="/tmp/tailor-search-bench")
-    b.add_argument("--reuse", action="store_true",
-                   help="keep the method results already in --work (from a run with the same arguments)")
-    b.add_argument("--threads", type=int, default=1,
-                   help="runtime.threads (1: on a shared 2-core machine two threads each run several times slower)")
-    for sp in (a, b):
+    c = sub.add_parser("ablation")
+    for sp in (b, c):
+        sp.add_argument("--data", type=Path, default=ROOT / "data" / "prepared")
+        sp.add_argument("--supernet", type=Path, default=ROOT / "models" / "supernet.pt")
+        sp.add_argument("--preset", type=Path, action="append")
+        sp.add_argument("--work", default="/tmp/tailor-search-bench")
+        sp.add_argument("--name", default="quality", help="results: benchmarks/results/search-<name>.json")
+        sp.add_argument("--reuse", action="store_true",
+                        help="keep the results already in --work (from a run with the same arguments)")
+        sp.add_argument("--threads", type=int, default=2, help="runtime.threads")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--only", nargs="+", choices=list(ABLATIONS), help="run only these variants")
+    for sp in (a, b, c):
         sp.add_argument("--no-record", action="store_true", help="print only; leave benchmarks/results and RESULTS.md alone")
     args = ap.parse_args()
     command = "python benchmarks/search.py " + " ".join(sys.argv[1:])
     load = [round(x, 2) for x in os.getloadavg()]
-    res = latency(args) if args.what == "latency" else quality(args)
+    res = {"latency": latency, "quality": quality, "ablation": ablation}[args.what](args)
+    name = getattr(args, "name", None) or args.what
     res.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
-               code_version=code_version(), loadavg=load)
+               code_version=code_version(), loadavg=load, name=name)
     if args.what == "latency":
         heading, md = "Search: tailoring latency (generator, 10 superclasses x 5 budgets, CPU)", latency_markdown(res, command)
+    elif args.what == "quality":
+        heading, md = f"Search protocol: generator vs baselines ({name})", quality_markdown(res, command)
     else:
-        heading, md = "Search: generator vs baselines (supernet validation accuracy)", quality_markdown(res, command)
+        heading, md = f"Search: generator ablation ({name})", ablation_markdown(res, command)
     print(md)
     if not args.no_record:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(RESULTS / f"search-{args.what}.json", res)
+        atomic_write_json(RESULTS / f"search-{name}.json", res)
         upsert_section(RESULTS_MD, heading, md)
 
 

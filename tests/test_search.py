@@ -20,7 +20,8 @@ from tailor.search import (ArchGenerator, SearchError, Snapper, decode, gumbel_s
                            perturb, propose, resolve_budgets, scenario_grid)
 from tailor.search import run as search_run
 from tailor.search.common import Scenario, cheapest_arch, kendall_tau, load_setup
-from tailor.search.generator import batch_stat_bn
+from tailor.search.generator import (batch_stat_bn, bernoulli_sampler, context_stat_bn, forced, mode_decider,
+                                     relaxed_sampler)
 from tailor.search.nsga2 import non_dominated_sort, weighted_crowding
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import Gates
@@ -79,27 +80,65 @@ def test_generator_gates_reproduce_the_extracted_subnet(tiny_run, setup):
     g = ArchGenerator(sp, len(setup.superclasses), low, high, 8, 16, 4)
     gen = torch.Generator().manual_seed(0)
     x = next(setup.ctx.batches("val").epoch(None, augment=False, drop_last=False))[0][:16]
+    ctx_x = torch.cat(setup.evaluator.recal_sample())[:16]
     seen = set()
     for i in range(6):
-        d, k, e = g(torch.tensor([i % len(setup.superclasses)]), torch.tensor([low + (high - low) * i / 5]))
-        gates = Gates(*(gumbel_sigmoid_st(z[0] * 3, 1.0, gen) for z in (d, k, e)))
+        _, (d, k, e) = g(torch.tensor([i % len(setup.superclasses)]), torch.tensor([low + (high - low) * i / 5]),
+                         lambda u, z: tuple(gumbel_sigmoid_st(v * 3, 1.0, gen) for v in z))
+        gates = Gates(d[0], k[0], e[0])
         arch = gates.to_arch(sp)
         assert decode(sp, gates.depth[None], gates.kernel[None], gates.expand[None])[0] == arch
         seen.add(arch)
         static = net.extract(arch).eval()
         with torch.no_grad():
             torch.testing.assert_close(net.forward_gated(x, gates), static(x), rtol=1e-4, atol=1e-4)
-            # The generator trains with batch statistics: equal there too, and the buffers stay untouched.
             before = {n: b.clone() for n, b in net.named_buffers()}
-            with batch_stat_bn(net):
-                gated = net.forward_gated(x, gates)
             static_bs = net.extract(arch)
             static_bs.train()
             static_bs.head.dropout.eval()
+            # Context statistics: the rows after the context are normalised with the context's
+            # statistics alone (the context itself, appended again, comes out as it did first), and
+            # those equal training-mode BN on the context: what the generator's loss sees.
+            with context_stat_bn(net, len(ctx_x)):
+                twice = net.forward_gated(torch.cat([ctx_x, ctx_x]), gates)
+                with_x = net.forward_gated(torch.cat([ctx_x, x]), gates)
+            torch.testing.assert_close(twice[len(ctx_x):], twice[:len(ctx_x)], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(with_x[:len(ctx_x)], twice[:len(ctx_x)], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(twice[:len(ctx_x)], static_bs(ctx_x), rtol=1e-4, atol=1e-4)
+            # Plain batch statistics (the ablation's scheme): equal there too.
+            with batch_stat_bn(net):
+                gated = net.forward_gated(x, gates)
             torch.testing.assert_close(gated, static_bs(x), rtol=1e-4, atol=1e-4)
             assert all(torch.equal(before[n], b) for n, b in net.named_buffers())
             assert not net.training
     assert len(seen) > 1
+
+
+def test_autoregressive_decode_matches_sampling(setup):
+    """Teacher-forcing G with the gates it sampled reproduces the logits it sampled them from, and
+    each step's logits depend on the previous step's decisions (only) in the autoregressive form."""
+    low, high = setup.cost.low_high
+    sc, b = torch.tensor([0, 1, 2, 1]), torch.tensor([low, high, (low + high) / 2, low * 1.5])
+    for autoregressive in (True, False):
+        torch.manual_seed(1)
+        g = ArchGenerator(setup.space, 3, low, high, 8, 16, 4, autoregressive).eval()
+        with torch.no_grad():
+            logits, gates = g(sc, b, bernoulli_sampler(torch.Generator().manual_seed(2)))
+            again, same = g(sc, b, forced(gates))
+            for u, v in zip(logits, again):
+                assert torch.equal(u, v)
+            assert all(torch.equal(u, v) for u, v in zip(gates, same))
+            # The arch decoded from the sampled gates is what propose() would return for this draw.
+            archs = decode(setup.space, *gates)
+            assert archs == [Gates(gates[0][m], gates[1][m], gates[2][m]).to_arch(setup.space) for m in range(4)]
+            flipped = tuple(v.clone() for v in gates)
+            flipped[0][:, 0] = 1 - flipped[0][:, 0]  # another depth decision at unit 0
+            other, _ = g(sc, b, forced(flipped))
+            assert torch.equal(other[0][:, 0], logits[0][:, 0])  # step 0 cannot see its own decision
+            changed = not torch.equal(other[0][:, 1], logits[0][:, 1])
+            assert changed == autoregressive
+            mode_logits, mode_gates = g(sc, b, mode_decider)
+            assert all(torch.equal((z > 0).float(), q) for z, q in zip(mode_logits, mode_gates))
 
 
 def test_budget_embedding_interpolates_between_anchors(space):
@@ -233,7 +272,11 @@ def test_evaluator_scores_one_superclass_as_the_full_pass_does(tiny_run):
         single = {n: ev.acc(a, n) for n in setup.superclasses}
         fresh = Evaluator(setup.ctx, setup.supernet)
         assert fresh(a) == single
-    assert ev.evaluations == 3  # one recalibration per architecture, however many superclasses asked
+    assert ev.recalibrations == 3  # one recalibration per architecture, however many superclasses asked
+    assert ev.evaluations == 9     # but one evaluation per (architecture, superclass) asked
+    ev.begin_run()
+    ev.acc(a, "sc0")
+    assert ev.evaluations == 1 and ev.recalibrations == 3  # a new run pays again, from the cache
 
 
 # ---------------------------------------------------------------- operators
@@ -281,12 +324,13 @@ def test_every_method_meets_every_budget(searched):
     for doc in searched["docs"].values():
         for name, r in doc["results"].items():
             names.add(name)
-            assert len(r["rows"]) == 3 * len(budgets)
+            assert len(r["rows"]) == 3 * len(budgets) * len(p.search.seeds)
+            assert sorted(r["seeds"]) == sorted(str(s) for s in p.search.seeds)
             for row in r["rows"]:
                 assert row["within_budget"] and row["cost"] <= row["budget"]
                 assert row["in_window"], (name, row)
                 assert row["madds"] == row["cost"]  # the default cost model is MAdds
-                assert 0 <= row["val_acc"] <= 1
+                assert 0 <= row["val_acc"] <= 1 and 0 <= row["test_acc"] <= 1
                 Arch.parse(row["arch"])
     assert names == {"generator", "random", "ofa-v", "ofa-t", "nsga2"}
 
@@ -294,22 +338,29 @@ def test_every_method_meets_every_budget(searched):
 def test_search_outputs_record_costs_and_provenance(searched):
     out, docs = searched["out"], searched["docs"]
     gen = docs["generator"]["results"]["generator"]
-    assert gen["timing"]["train_s"] > 0 and gen["timing"]["mode_only_all_scenarios_ms"] > 0
+    g0 = gen["seeds"]["0"]
+    assert g0["timing"]["train_s"] > 0 and g0["timing"]["mode_only_all_scenarios_ms"] > 0
+    # The held-out curve: before training and at each of eval_points.
+    p = searched["params"]
+    assert [c["step"] for c in g0["heldout_curve"]][0] == 0
+    assert len(g0["heldout_curve"]) == p.search.generator.eval_points + 1
+    assert all(c["heldout_ce"] > 0 for c in g0["heldout_curve"])
     assert (out / "generator.pt").exists()
     evo = docs["evolution"]["results"]
-    assert evo["ofa-t"]["timing"]["predictor_data_s"] > 0 and "evolution_s" in evo["ofa-t"]["timing"]
-    assert "holdout_kendall_tau" in evo["ofa-t"]["predictor_quality"]
-    # OFA-V: one architecture per budget for every superclass.
+    t0 = evo["ofa-t"]["seeds"]["0"]
+    assert t0["timing"]["predictor_data_s"] > 0 and "evolution_s" in t0["timing"]
+    assert "holdout_kendall_tau" in t0["predictor_quality"]
+    # OFA-V: one architecture per budget for every superclass (within one seed's run).
     by_budget = {}
     for row in evo["ofa-v"]["rows"]:
-        by_budget.setdefault(row["budget"], set()).add(row["arch"])
+        by_budget.setdefault((row["budget"], row["seed"]), set()).add(row["arch"])
     assert all(len(v) == 1 for v in by_budget.values())
     results = json.loads((out / "results.json").read_text())
     assert results["code_version"] and results["params"]["search"]["slack"] == 0.05
     table = (out / "table.md").read_text()
     assert "| superclass | budget | generator | random | ofa-v | ofa-t | nsga2 |" in table
     assert set(searched["metrics"]["methods"]) == {"generator", "random", "ofa-v", "ofa-t", "nsga2"}
-    row = gen["rows"][0]
+    row = next(r for r in gen["rows"] if r["seed"] == p.search.seeds[0])
     assert search_run.find_arch(out / "results.json", "generator", row["superclass"], row["budget"]) == row["arch"]
     with pytest.raises(SearchError, match="no scenario"):
         search_run.find_arch(out / "results.json", "generator", "sc0", 1.0)
@@ -329,8 +380,11 @@ def test_collect_merges_per_superclass_runs(tiny_run, searched, tmp_path):
     merged = json.loads((tmp_path / "r.json").read_text())["methods"]
     for variant in ("ofa-t", "ofa-v"):  # seeded per scenario; OFA-V always searches the whole grid's superclasses
         whole = searched["docs"]["evolution"]["results"][variant]["rows"]
-        assert ({(r["superclass"], r["budget"]): r["arch"] for r in merged[variant]["rows"]}
-                == {(r["superclass"], r["budget"]): r["arch"] for r in whole})
+        assert ({(r["superclass"], r["budget"], r["seed"]): r["arch"] for r in merged[variant]["rows"]}
+                == {(r["superclass"], r["budget"], r["seed"]): r["arch"] for r in whole})
+        # Evaluations of the parts add up to the whole run's.
+        for seed, run in searched["docs"]["evolution"]["results"][variant]["seeds"].items():
+            assert merged[variant]["seeds"][seed]["evaluations"] == run["evaluations"]
     with pytest.raises(SearchError, match="appears in two inputs"):
         search_run.collect(p, parts + parts[:1], tmp_path / "r2.json", tmp_path / "t2.md", tmp_path / "m2.json")
 
@@ -409,3 +463,109 @@ def test_budgets_in_milliseconds_from_a_latency_table(tiny_run, tmp_path):
                               "budgets": {"kind": "absolute", "values": [1000.0]}})
     with pytest.raises(SearchError, match=r"search\.budgets\.values: 1000 outside the space's ms range"):
         search_run.run_search(bad, "random", tiny_run["data"], tiny_run["supernet"], tmp_path / "x.json")
+
+
+# ---------------------------------------------------------------- the protocol
+def test_test_labels_never_reach_the_search(tiny_run, searched, tmp_path):
+    """Poisoning the test split's labels (and images) changes what the table reports, never what
+    any method chooses: the search sees only train and val."""
+    import shutil
+
+    import numpy as np
+
+    p, out = searched["params"], tmp_path / "poisoned"
+    data = tmp_path / "data"
+    shutil.copytree(tiny_run["data"], data)
+    y = np.load(data / "test" / "y.npy")
+    sc_of = Meta.load(data).class_superclass
+    # Each test image gets another class of its own superclass (so superclass-restricted scores stay
+    # defined), and the images are scrambled: any use of the test split moves the picks.
+    siblings = {c: [d for d in range(len(sc_of)) if sc_of[d] == sc_of[c] and d != c] for c in range(len(sc_of))}
+    np.save(data / "test" / "y.npy", np.array([siblings[c][0] for c in y.tolist()], dtype=np.int64))
+    x = np.load(data / "test" / "x.npy")
+    np.save(data / "test" / "x.npy", np.ascontiguousarray(x[:, ::-1, ::-1]))
+    out.mkdir()
+    search_run.run_predictor(p, data, tiny_run["supernet"], out / "predictor.pt")
+    changed = 0
+    for m in search_run.METHODS:
+        doc = search_run.run_search(p, m, data, tiny_run["supernet"], out / f"{m}.json", out / "predictor.pt",
+                                    out / "generator.pt")
+        for name, r in doc["results"].items():
+            clean = searched["docs"][m]["results"][name]["rows"]
+            assert [(x["superclass"], x["budget"], x["seed"], x["arch"], x["val_acc"]) for x in r["rows"]] == \
+                [(x["superclass"], x["budget"], x["seed"], x["arch"], x["val_acc"]) for x in clean], name
+            changed += sum(a["test_acc"] != b["test_acc"] for a, b in zip(r["rows"], clean))
+    assert changed > 0  # the poison did reach the report
+
+
+def test_every_method_spends_the_same_evaluations(searched):
+    """search.evaluations per scenario, counted: random's and the generator's candidates scored, the
+    predictor's subnets amortised over the grid (NSGA-II with supernet fitness: see test_nsga2)."""
+    p = searched["params"]
+    n_scen = 3 * len(p.search.budgets.values)
+    allowed = p.search.evaluations * n_scen
+    for doc in searched["docs"].values():
+        for name, r in doc["results"].items():
+            for seed, run in r["seeds"].items():
+                assert run["evaluations"] == allowed, (name, seed, run["evaluations"])
+    m = searched["metrics"]["methods"]
+    assert {v["evaluations_per_scenario"] for v in m.values()} == {p.search.evaluations}
+
+
+def test_collect_reports_seed_cis_and_paired_differences(searched):
+    m = searched["metrics"]["methods"]
+    p = searched["params"]
+    for name, v in m.items():
+        assert v["seeds"] == len(p.search.seeds)
+        lo, hi = v["test_acc_ci"]
+        assert lo <= v["mean_test_acc"] <= hi
+        if name != "generator":
+            d = v["generator_minus_this_test"]
+            assert d["wins"] + d["ties"] + d["losses"] == d["scenarios"] == 6
+            assert d["ci"][0] <= d["mean"] <= d["ci"][1]
+    # The paired difference is the generator's mean test accuracy minus the method's (same scenarios).
+    for name, v in m.items():
+        if name != "generator":
+            assert v["generator_minus_this_test"]["mean"] == pytest.approx(
+                m["generator"]["mean_test_acc"] - v["mean_test_acc"], abs=2e-5)
+    table = (searched["out"] / "table.md").read_text()
+    assert "generator minus it, test" in table and "evaluations / scenario" in table
+
+
+def test_mean_ci_is_a_student_t_interval():
+    from tailor.stats import mean_ci
+
+    r = mean_ci([1.0, 2.0, 3.0])
+    assert r["mean"] == 2.0 and r["hi"] - 2.0 == pytest.approx(4.303 / 3 ** 0.5, rel=1e-4)
+    assert mean_ci([0.5])["lo"] is None
+    with pytest.raises(ValueError):
+        mean_ci([])
+
+
+def test_proxy_classes_span_the_accuracy_ranking():
+    from tailor.search.common import choose_proxy
+
+    acc = {c: c / 10 for c in range(10)}  # class c's accuracy rises with c
+    classes_of = [list(range(10))]
+    for seed in range(20):
+        [chosen] = choose_proxy(acc, classes_of, 0.3, random.Random(seed))
+        assert len(chosen) == 3
+        groups = [set(range(7, 10)), {3, 4, 5, 6}, set(range(0, 3))]  # best, middle, worst ranks
+        assert all(len(g & set(chosen)) == 1 for g in groups), chosen
+    small = choose_proxy(acc, [[4, 2], [7]], 0.1, random.Random(0))  # at least one class each
+    assert len(small[0]) == 1 and small[0][0] in (2, 4) and small[1] == [7]
+
+
+def test_search_on_proxy_classes_scores_only_them(tiny_run, tmp_path):
+    p = tiny_params(search={"proxy_fraction": 0.5, "seeds": [0]})
+    doc = search_run.run_search(p, "random", tiny_run["data"], tiny_run["supernet"], tmp_path / "r.json")
+    proxy = doc["proxy_classes"]
+    assert all(len(cs) == 1 for cs in proxy["classes"].values())  # 2 classes per superclass in tiny
+    setup = load_setup(p, tiny_run["data"], tiny_run["supernet"])
+    keep = {c for cs in proxy["classes"].values() for c in cs}
+    assert setup.evaluator.keep_classes == keep
+    for name in setup.superclasses:
+        ys = setup.evaluator._split_of(name).y_cpu.tolist()
+        assert ys and set(ys) <= keep
+    assert set(setup.reporter._split_of("sc0").y_cpu.tolist()) == set(Meta.load(tiny_run["data"]).classes_of(0))
+    assert all(r["within_budget"] for r in doc["results"]["random"]["rows"])

@@ -63,8 +63,11 @@ def test_choose_arch_from_params_or_search_results(retrained, tmp_path):
     with pytest.raises(FileNotFoundError, match="no search results.*--arch"):
         stages.choose_arch(p, tmp_path, "sc1", 600000)  # no explicit arch for this scenario
     arch = "k3e3.k3e3_k3e3.k3e3_k3e3.k3e3_k3e3.k3e3_k3e3.k3e3"
-    rows = [{"superclass": "sc1", "budget": 600000.0, "arch": arch}]
-    doc = {"cost": {"kind": "madds", "unit": "MAdds"}, "methods": {p.retrain.method: {"rows": rows}}}
+    other = "k3e3.k3e3_k3e3.k3e3_k3e3.k3e3_k3e3.k3e3_k5e3.k3e3"
+    # Retrain takes the pick of the first of search.seeds, whatever order the rows come in.
+    rows = [{"superclass": "sc1", "budget": 600000.0, "arch": other, "seed": 4},
+            {"superclass": "sc1", "budget": 600000.0, "arch": arch, "seed": 7}]
+    doc = {"cost": {"kind": "madds", "unit": "MAdds"}, "seeds": [7, 4], "methods": {p.retrain.method: {"rows": rows}}}
     (tmp_path / "results.json").write_text(json.dumps(doc))
     assert str(stages.choose_arch(p, tmp_path, "sc1", 600000)) == arch
     with pytest.raises(SearchError, match="no scenario sc2"):

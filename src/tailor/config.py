@@ -286,25 +286,33 @@ class GeneratorConfig(Strict):
     embed_dim: int = Field(ge=1)      # superclass and budget embeddings (the paper: 32)
     hidden: int = Field(ge=1)         # LSTM width
     anchors: int = Field(ge=2)        # K budget anchors evenly spaced on the space's cost range
+    autoregressive: bool              # each LSTM step reads the previous step's sampled decisions
     tau: float = Field(gt=0)          # Gumbel-sigmoid temperature
-    budget_weight: float = Field(ge=0)  # lambda on ((R - B) / (B_high - B_low))^2
+    budget_weight: float = Field(ge=0)  # lambda on ((R - B) / scale)^2
+    budget_norm: Literal["range", "budget"]  # scale: the space's cost range, or B itself
     lr: float = Field(gt=0)
-    steps: int = Field(ge=1)
-    batch_size: int = Field(ge=1)     # validation images of the sampled superclass per step
-    bn_context: int = Field(ge=0)     # extra all-class training images per step, for BN batch statistics only
-    candidates: int = Field(ge=1)     # per scenario at inference; the first is the mode
+    steps: int = Field(ge=1)          # updates
+    scenarios_per_step: int = Field(ge=0)  # (superclass, budget) pairs per update; 0: every grid superclass
+    batch_size: int = Field(ge=1)     # validation images per scenario per update
+    # BN statistics of the gated forward: "context" = of bn_context images of the evaluator's
+    # all-class recalibration sample (what scoring uses); "batch" = of the validation batch plus
+    # bn_context random training images (the earlier scheme, for the ablation).
+    bn: Literal["context", "batch"]
+    bn_context: int = Field(ge=1)
+    holdout: float = Field(ge=0, lt=1)  # share of each superclass's validation images kept out of the gradient
+    eval_points: int = Field(ge=1)    # held-out CE of the mode architectures this many times in training
     max_tries: int = Field(ge=1)      # resampling rounds for candidates over budget
 
 
 class RandomSearchConfig(Strict):
-    samples: int = Field(ge=1)        # architectures per budget (scored on every superclass)
     max_tries: int = Field(ge=1)      # rejection-sampling draws per architecture before snapping
 
 
 class PredictorConfig(Strict):
-    """OFA-style accuracy predictor: MLP on (architecture encoding, superclass one-hot)."""
+    """OFA-style accuracy predictor: MLP on (architecture encoding, superclass one-hot). It measures
+    search.evaluations x (number of budgets) random subnets on every grid superclass: the same
+    supernet evaluations per scenario as every other method spends."""
 
-    samples: int = Field(ge=2)        # random subnets measured (BN recalibrated) on every superclass
     hidden: int = Field(ge=1)
     layers: int = Field(ge=1)
     epochs: int = Field(ge=1)
@@ -321,26 +329,37 @@ class EvolutionConfig(Strict):
     mutation_ratio: float = Field(ge=0, le=1)  # share of children from mutation; the rest from crossover
     mutate_prob: float = Field(ge=0, le=1)
     max_tries: int = Field(ge=1)
-    # EAT-NAS transfer: seed the population with one-primitive-per-unit perturbations of a basic
-    # architecture (seed_arch, e.g. from another run), or of the previous budget's result for the
-    # same superclass (transfer_budgets).
+    # EAT-NAS transfer: seed the population with distinct one-primitive-per-unit perturbations of a
+    # basic architecture (seed_arch, e.g. from another run), or of the previous budget's result for
+    # the same superclass (transfer_budgets); each over the budget is snapped into it.
     seed_arch: str | None
+    # Share of the first population seeded when there is a basic architecture (1.0: all of it, as in
+    # EAT-NAS); the rest, and any perturbations that repeat too often, are uniform samples.
     seed_fraction: float = Field(ge=0, le=1)
     transfer_budgets: bool
 
 
 class NSGA2Config(Strict):
-    """SCARLET's constrained, weighted NSGA-II (objectives: accuracy, cost, parameters)."""
+    """SCARLET's constrained, weighted NSGA-II: maximise accuracy, minimise cost, maximise parameters."""
 
     population: int = Field(ge=4)
     generations: int = Field(ge=1)
-    mutate_prob: float = Field(ge=0, le=1)
-    weights: list[float] = Field(min_length=3, max_length=3)  # crowding-distance weights: accuracy, cost, params
-    acc_min: float = Field(ge=0, le=1)
+    mutate_prob: float = Field(ge=0, le=1)  # per decision of the hierarchical mutation (unit depth, block k / e)
+    # crowding-distance weights: accuracy, cost, params (a weight of 0 takes the objective out of crowding)
+    weights: list[float] = Field(min_length=3, max_length=3)
+    acc_min: float = Field(ge=0, le=1)  # checked after the budget: below it an arch is infeasible
     fitness: Literal["predictor", "supernet"]  # accuracy from the predictor, or measured on the supernet
     max_tries: int = Field(ge=1)
     seed_arch: str | None
     seed_fraction: float = Field(ge=0, le=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_non_negative(cls, v: list[float]) -> list[float]:
+        # A negative weight would reward crowding, pushing the front together instead of apart.
+        if any(w < 0 for w in v):
+            raise ValueError(f"crowding-distance weights must be >= 0, got {v}")
+        return v
 
 
 class SearchConfig(Strict):
@@ -348,6 +367,15 @@ class SearchConfig(Strict):
     budgets: SearchBudgets
     cost: SearchCost
     slack: float = Field(ge=0, lt=1)  # every result is snapped into [(1 - slack) B, B]
+    # Every method runs once per seed; the table reports mean and 95% CI over them.
+    seeds: list[int] = Field(min_length=1)
+    # Supernet evaluations (one architecture's accuracy on one superclass's validation images) each
+    # method may spend per scenario: random's candidates, the generator's re-ranked candidates, the
+    # predictor's measured subnets (amortised over the scenarios), NSGA-II's supernet fitness.
+    evaluations: int = Field(ge=1)
+    # TF-NAS proxy classes: search on this share of each superclass's classes (at least one), chosen
+    # by accuracy rank; 1.0 searches on all. Retraining and the report always use all classes.
+    proxy_fraction: float = Field(gt=0, le=1)
     # BN recalibration batches (of runtime.bn_recal_batch_size) per scored architecture: fewer than
     # the training stages use, since a search scores hundreds of architectures.
     recal_batches: int = Field(ge=1)
@@ -356,6 +384,12 @@ class SearchConfig(Strict):
     predictor: PredictorConfig
     evolution: EvolutionConfig
     nsga2: NSGA2Config
+
+    @model_validator(mode="after")
+    def _distinct_seeds(self):
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"search.seeds has repeats: {self.seeds}")
+        return self
 
 
 class Params(Strict):

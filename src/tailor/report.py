@@ -280,7 +280,7 @@ def build_report(metrics_dir: Path, search_table: Path | None, lut_dir: Path | N
     search = _load(metrics_dir / "search.json")
     if search and search_table and Path(search_table).exists():
         parts += ["## Search: one architecture per scenario", Path(search_table).read_text().strip(), ""]
-        summary["search"] = {k: v.get("mean_val_acc") for k, v in search.get("methods", {}).items()}
+        summary["search"] = {k: v.get("mean_test_acc") for k, v in search.get("methods", {}).items()}
     else:
         missing.append("search")
 

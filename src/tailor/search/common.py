@@ -317,7 +317,8 @@ def crossover(a: Arch, b: Arch, rng: random.Random) -> Arch:
 
 
 def perturb(space: SearchSpace, arch: Arch, rng: random.Random) -> Arch:
-    """EAT-NAS: exactly one primitive of every unit changed (its depth, or one block's kernel or expand)."""
+    """EAT-NAS's perturbation: exactly one primitive of every unit changed (its depth, or one block's
+    kernel or expand). A unit whose primitives all have a single choice is left as it is."""
     c = space.cfg
     units = _mutable(arch)
     for unit in units:
@@ -326,6 +327,8 @@ def perturb(space: SearchSpace, arch: Arch, rng: random.Random) -> Arch:
             choices += [("k", j) for j in range(len(unit))]
         if len(c.expands) > 1:
             choices += [("e", j) for j in range(len(unit))]
+        if not choices:
+            continue
         kind, j = rng.choice(choices)
         if kind == "depth":
             d = rng.choice([x for x in c.depths if x != len(unit)])
@@ -341,40 +344,79 @@ def perturb(space: SearchSpace, arch: Arch, rng: random.Random) -> Arch:
 
 
 def seeded_population(space: SearchSpace, seed_arch: Arch | None, n_seeds: int, budget: float,
-                      cost: SlotCostModel, snap: Snapper, rng: random.Random) -> list[Arch]:
-    """Transfer seeding: perturbations of the basic architecture, brought within budget."""
+                      cost: SlotCostModel, snap: Snapper, rng: random.Random, tries: int = 50) -> list[Arch]:
+    """EAT-NAS transfer seeding: up to `n_seeds` distinct perturbations of the basic architecture
+    (`perturb`), each one over the budget snapped into it.
+
+    Fewer come back when `tries` draws in a row bring nothing new: snapping folds the perturbations
+    of a basic architecture far over the budget onto a few architectures, and a small space has few
+    perturbations. The caller fills the rest (n_seeds - len(result)) and can report the shortfall.
+    """
     if seed_arch is None or n_seeds <= 0:
         return []
     space.validate(seed_arch)
-    out = []
-    for _ in range(n_seeds):
+    out: list[Arch] = []
+    seen: set[Arch] = set()
+    misses = 0
+    while len(out) < n_seeds and misses < tries:
         a = perturb(space, seed_arch, rng)
-        out.append(a if cost.cost(a) <= budget else snap(a, budget))
+        if cost.cost(a) > budget:
+            a = snap(a, budget)
+        if a in seen:
+            misses += 1
+            continue
+        seen.add(a)
+        out.append(a)
+        misses = 0
     return out
 
 
 # ---------------------------------------------------------------- supernet validation accuracy
 class Evaluator:
-    """Supernet validation accuracy of architectures, per superclass, cached by architecture string.
+    """Supernet accuracy of architectures on one split, per superclass, cached by architecture string.
 
     Each architecture is extracted and its BN statistics recalibrated on a fixed sample of training
-    images of all classes (search.recal_batches batches of the sample `Context.recal_batches`
+    images of all classes (the first `recal_batches` batches of the sample `Context.recal_batches`
     draws; the deployed network's statistics also come from all classes). `acc(arch, t)` then
-    scores it on t's validation images only, argmax over t's classes (`evaluate` restricts it to
+    scores it on t's images of the split only, argmax over t's classes (`evaluate` restricts it to
     the image's own superclass); `__call__(arch)` scores every superclass in one pass over the
     whole split. Recalibrated networks stay in a small LRU cache, so an architecture asked for
     several superclasses is recalibrated once.
+
+    The search's evaluator reads `val` with search.recal_batches; the report's reads `test` with
+    every recalibration batch of the runtime (>= 1,000 images by default) and is never consulted
+    by a method. Evaluations are counted per run (`begin_run`): one per (architecture, superclass)
+    a method asked for, cached or not, so that re-running a method with another seed pays again.
     """
 
-    def __init__(self, ctx, supernet, keep_nets: int = 16):
-        self.ctx, self.supernet, self.keep_nets = ctx, supernet, keep_nets
+    def __init__(self, ctx, supernet, recal_batches: int | None = None, split: str = "val", keep_nets: int = 16,
+                 keep_classes: set[int] | None = None):
+        self.ctx, self.supernet, self.keep_nets, self.split = ctx, supernet, keep_nets, split
+        self.keep_classes = keep_classes  # TF-NAS proxy classes: score only their images
+        self.n_recal = ctx.p.search.recal_batches if recal_batches is None else recal_batches
         self.cache: dict[str, dict[str, float]] = {}
         self.seconds = 0.0
         self.recalibrations = 0
         self._recal = None
         self._nets: dict[str, torch.nn.Module] = {}
-        self._val: dict[tuple[str, str], object] = {}
-        self.test_cache: dict[tuple, float] = {}
+        self._split: dict[str, object] = {}
+        self._asked: set[tuple[str, str]] = set()
+
+    def begin_run(self) -> None:
+        """Start counting a new method run's evaluations (the cache of scores is kept)."""
+        self._asked = set()
+
+    @property
+    def evaluations(self) -> int:
+        """(architecture, superclass) pairs scored for the current run."""
+        return len(self._asked)
+
+    def recal_sample(self) -> list[torch.Tensor]:
+        """The recalibration batches (normalised float images of all classes)."""
+        if self._recal is None:
+            # A prefix of the stages' own recalibration sample: the same images, fewer of them.
+            self._recal = self.ctx.recal_batches(self.ctx.p.seed)[:self.n_recal]
+        return self._recal
 
     def _net(self, key: str, arch: Arch) -> torch.nn.Module:
         from tailor.supernet import recalibrate_bn
@@ -382,30 +424,28 @@ class Evaluator:
         if key in self._nets:
             self._nets[key] = self._nets.pop(key)  # most recently used last
             return self._nets[key]
-        if self._recal is None:
-            # A prefix of the stages' own recalibration sample: the same images, fewer of them.
-            self._recal = self.ctx.recal_batches(self.ctx.p.seed)[:self.ctx.p.search.recal_batches]
         net = self.ctx.prepare_model(self.supernet.extract(arch))
-        recalibrate_bn(net, self._recal)
+        recalibrate_bn(net, self.recal_sample())
         self.recalibrations += 1
         self._nets[key] = net.eval()
         while len(self._nets) > self.keep_nets:
             self._nets.pop(next(iter(self._nets)))
         return net
 
-    def _split_of(self, superclass: str, split: str = "val"):
-        """One superclass's images of a split, as their own Batches."""
-        if (split, superclass) not in self._val:
+    def _split_of(self, superclass: str | None):
+        """One superclass's images of the split (None: every superclass's), as their own Batches."""
+        if superclass not in self._split:
             from tailor.data import Batches, load_split
 
-            x, y = load_split(self.ctx.data_dir, split)
+            x, y = load_split(self.ctx.data_dir, self.split)
             meta = self.ctx.meta
-            t = meta.superclass_index(superclass)
-            sel = [i for i, c in enumerate(y.tolist()) if meta.class_superclass[c] == t]
-            self._val[(split, superclass)] = Batches(x[sel], y[sel], meta, self.ctx.device,
-                                                     self.ctx.p.runtime.eval_batch_size,
-                                                     channels_last=self.ctx.p.runtime.channels_last)
-        return self._val[(split, superclass)]
+            t = None if superclass is None else meta.superclass_index(superclass)
+            sel = [i for i, c in enumerate(y.tolist()) if (t is None or meta.class_superclass[c] == t)
+                   and (self.keep_classes is None or c in self.keep_classes)]
+            self._split[superclass] = Batches(x[sel], y[sel], meta, self.ctx.device,
+                                              self.ctx.p.runtime.eval_batch_size,
+                                              channels_last=self.ctx.p.runtime.channels_last)
+        return self._split[superclass]
 
     def _score(self, key: str, arch: Arch, batches) -> dict[str, float]:
         from tailor.train import autocast, evaluate
@@ -418,11 +458,13 @@ class Evaluator:
         return res
 
     def __call__(self, arch: Arch) -> dict[str, float]:
-        """Accuracy on every superclass."""
+        """Accuracy on every superclass (one evaluation each)."""
         key = str(arch)
         got = self.cache.get(key, {})
         if len(got) < len(self.ctx.meta.superclasses):
-            self.cache[key] = self._score(key, arch, self.ctx.batches("val"))
+            whole = self.ctx.batches(self.split) if self.keep_classes is None else self._split_of(None)
+            self.cache[key] = self._score(key, arch, whole)
+        self._asked.update((key, t) for t in self.cache[key])
         return self.cache[key]
 
     def acc(self, arch: Arch, superclass: str) -> float:
@@ -430,19 +472,8 @@ class Evaluator:
         got = self.cache.setdefault(key, {})
         if superclass not in got:
             got[superclass] = self._score(key, arch, self._split_of(superclass))[superclass]
+        self._asked.add((key, superclass))
         return got[superclass]
-
-    def test_acc(self, arch: Arch, superclass: str) -> float:
-        """The same measurement on the test split: for benchmarks, free of the selection on validation
-        that the generator and random search make (never used to choose anything)."""
-        key = ("test", str(arch), superclass)
-        if key not in self.test_cache:
-            self.test_cache[key] = self._score(str(arch), arch, self._split_of(superclass, "test"))[superclass]
-        return self.test_cache[key]
-
-    @property
-    def evaluations(self) -> int:
-        return self.recalibrations
 
 
 # ---------------------------------------------------------------- the shared setup of a search stage
@@ -457,22 +488,27 @@ class Setup:
     params_model: SlotCostModel
     scenarios: list[Scenario]
     snap: Snapper
-    evaluator: Evaluator
+    evaluator: Evaluator        # validation split: what the methods may see
+    reporter: Evaluator         # test split: what the table reports, never seen by a method
     grid_scs: list[int]         # superclass indices of the params grid (even when a run does only some)
+    proxy: dict | None = None   # TF-NAS proxy classes the search scores on (None: all classes)
 
     @property
     def superclasses(self) -> list[str]:
         return list(self.ctx.meta.superclasses)
 
-    def row(self, sc: Scenario, arch: Arch, **extra) -> dict:
-        """One result: the architecture, its costs, and its supernet validation accuracy."""
+    def row(self, sc: Scenario, arch: Arch, seed: int, **extra) -> dict:
+        """One result: the architecture, its costs, its supernet validation accuracy (what the method
+        saw) and test accuracy (what the table reports). Call it after the method's run has ended:
+        the validation score it asks for is not the method's spending."""
         c = self.cost.cost(arch)
         out = {"superclass": sc.superclass, "budget": sc.budget, "budget_spec": sc.spec, "arch": str(arch),
                "cost": round(c, 6), "cost_unit": self.cost.unit, "madds": int(round(self.madds.cost(arch))),
                "params": int(round(self.params_model.cost(arch))), "budget_used": round(c / sc.budget, 4),
                "within_budget": c <= sc.budget * (1 + 1e-9),
                "in_window": (1 - self.p.search.slack) * sc.budget * (1 - 1e-9) <= c <= sc.budget * (1 + 1e-9),
-               "val_acc": self.evaluator.acc(arch, sc.superclass)}
+               "seed": seed, "val_acc": self.evaluator.acc(arch, sc.superclass),
+               "test_acc": self.reporter.acc(arch, sc.superclass)}
         if self.cost.unit == "ms":
             out["latency_ms"] = round(c, 6)
         out.update(extra)
@@ -498,8 +534,55 @@ def load_setup(p: Params, data_dir: Path, supernet_path: Path, only: list[str] |
     names = list(ctx.meta.superclasses)
     scenarios = scenario_grid(p, names, cost, only)
     grid_scs = sorted({s.sc for s in scenario_grid(p, names, cost)})
+    proxy = None
+    if p.search.proxy_fraction < 1:
+        proxy = proxy_classes(ctx, supernet, space, p.search.proxy_fraction, p.seed)
+    keep = None if proxy is None else {c for cs in proxy["classes"].values() for c in cs}
     return Setup(p, ctx, supernet, space, cost, madds, params_cost_model(space, ctx.num_classes), scenarios,
-                 Snapper(space, cost, p.search.slack), Evaluator(ctx, supernet), grid_scs)
+                 Snapper(space, cost, p.search.slack), Evaluator(ctx, supernet, keep_classes=keep),
+                 Evaluator(ctx, supernet, recal_batches=p.runtime.bn_recal_batches, split="test"), grid_scs, proxy)
+
+
+# ---------------------------------------------------------------- TF-NAS proxy classes
+def choose_proxy(acc: dict[int, float], classes_of: list[list[int]], fraction: float,
+                 rng: random.Random) -> list[list[int]]:
+    """Per superclass, ceil(fraction x its classes) of them: rank its classes by accuracy, cut the
+    ranking into that many groups of neighbouring ranks, and draw one class from each group, so
+    the subset spans easy to hard classes as the whole superclass does (TF-NAS)."""
+    out = []
+    for classes in classes_of:
+        k = max(1, math.ceil(fraction * len(classes)))
+        ranked = sorted(classes, key=lambda c: (-acc[c], c))
+        bounds = [round(i * len(ranked) / k) for i in range(k + 1)]
+        out.append(sorted(rng.choice(ranked[a:b]) for a, b in zip(bounds, bounds[1:])))
+    return out
+
+
+@torch.no_grad()
+def proxy_classes(ctx, supernet, space: SearchSpace, fraction: float, seed: int) -> dict:
+    """The proxy classes of every superclass, ranked by the largest subnet's per-class validation
+    accuracy (BN recalibrated; superclass-restricted). The largest subnet stands in for TF-NAS's
+    pretrained network: it is what the supernet distils into (from the teacher, or in place)."""
+    from tailor.supernet import recalibrate_bn
+
+    net = ctx.prepare_model(supernet.extract(space.max_arch))
+    recalibrate_bn(net, ctx.recal_batches(ctx.p.seed)).eval()
+    meta = ctx.meta
+    hits = torch.zeros(ctx.num_classes)
+    count = torch.zeros(ctx.num_classes)
+    batches = ctx.batches("val")
+    for x, y, sc in batches.epoch(None, augment=False, drop_last=False):
+        logits = net(x).float()
+        own = batches.sc_of_class[None, :] == sc[:, None]
+        pred = logits.masked_fill(~own, float("-inf")).argmax(1)
+        hits.index_add_(0, y.cpu(), (pred == y).float().cpu())
+        count.index_add_(0, y.cpu(), torch.ones(len(y)))
+    acc = {c: float(hits[c] / max(1.0, float(count[c]))) for c in range(ctx.num_classes)}
+    classes_of = [meta.classes_of(t) for t in range(len(meta.superclasses))]
+    chosen = choose_proxy(acc, classes_of, fraction, random.Random(f"proxy-{seed}"))
+    return {"fraction": fraction, "ranked_by": "largest subnet, validation, per class",
+            "classes": {meta.superclasses[t]: cs for t, cs in enumerate(chosen)},
+            "class_accuracy": {meta.classes[c]: round(a, 4) for c, a in acc.items()}}
 
 
 def kendall_tau(a: list[float], b: list[float]) -> float:

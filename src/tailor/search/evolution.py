@@ -8,7 +8,14 @@ one-hot) -> accuracy. Its held-out error and Kendall tau are reported.
 Variants (as in the EAS paper): OFA-V runs one search per budget for all superclasses (fitness:
 the mean predicted accuracy over the scenarios' superclasses), so every superclass gets the same
 architecture; OFA-T runs one search per (superclass, budget) with that superclass's prediction.
-`run_ofa_t` takes the superclasses to search, so a pipeline can run one superclass per task.
+`run_ofa_t` searches only its setup's scenarios, so a pipeline can run one superclass per task.
+
+Transfer (EAT-NAS): budgets are searched in ascending order, and each search's first population
+is made of distinct perturbations of a basic architecture (one primitive per unit changed, snapped
+into the budget when over it): the previous budget's result for the same superclass
+(transfer_budgets), or search.evolution.seed_arch for the first budget; seed_fraction 1.0 seeds all
+of it. `evolve` returns the population-quality curve (mean and best fitness per generation), and
+`transfer_compare` runs one evolution seeded and unseeded at equal evaluations to compare them.
 """
 from __future__ import annotations
 
@@ -136,25 +143,32 @@ def fit_predictor(space: SearchSpace, superclasses: list[str], rows: list[dict],
     return model, quality
 
 
-def save_predictor(path, model: AccuracyPredictor, cfg: PredictorConfig, setup: Setup, rows: list[dict],
-                   extra: dict) -> None:
+def save_predictor(path, cfg: PredictorConfig, setup: Setup, per_seed: dict) -> None:
+    """One predictor per seed of search.seeds: {seed: {"model", "rows", "quality", "timing", "evaluations"}}."""
     from tailor.stages import provenance
     from tailor.utils import atomic_torch_save
 
-    atomic_torch_save({"state_dict": model.state_dict(), "config": cfg.model_dump(mode="json"),
-                       "superclasses": setup.superclasses, "encoding_size": setup.space.encoding_size,
-                       "data": rows, **provenance(setup.p, "search-predictor"), **extra}, path)
+    seeds = {str(s): {"state_dict": r["model"].state_dict(), "data": r["rows"], "quality": r["quality"],
+                      "timing": r["timing"], "evaluations": r["evaluations"]} for s, r in per_seed.items()}
+    atomic_torch_save({"config": cfg.model_dump(mode="json"), "superclasses": setup.superclasses,
+                       "encoding_size": setup.space.encoding_size, "seeds": seeds,
+                       **provenance(setup.p, "search-predictor")}, path)
 
 
-def load_predictor(path, setup: Setup) -> tuple[Predictor, dict]:
+def load_predictor(path, setup: Setup, seed: int) -> tuple[Predictor, dict]:
+    """The predictor fitted for `seed`, and its record (data, quality, timing, evaluations)."""
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck["superclasses"] != setup.superclasses or ck["encoding_size"] != setup.space.encoding_size:
         raise ValueError(f"{path}: accuracy predictor built for other superclasses or another search space; "
                          f"re-run search-predictor")
+    if str(seed) not in ck.get("seeds", {}):
+        raise ValueError(f"{path}: no predictor for seed {seed} (has {sorted(ck.get('seeds', {}))}); "
+                         f"re-run search-predictor with the same search.seeds")
     cfg = PredictorConfig.model_validate(ck["config"])
     model = AccuracyPredictor(ck["encoding_size"], len(ck["superclasses"]), cfg.hidden, cfg.layers)
-    model.load_state_dict(ck["state_dict"])
-    return Predictor(model, setup.space), ck
+    rec = ck["seeds"][str(seed)]
+    model.load_state_dict(rec["state_dict"])
+    return Predictor(model, setup.space), rec
 
 
 # ---------------------------------------------------------------- evolution
@@ -168,24 +182,55 @@ def _within(make, cost: SlotCostModel, snap: Snapper, budget: float, tries: int)
     return a if cost.cost(a) <= budget else snap(a, budget)
 
 
-def evolve(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, fitness, cfg: EvolutionConfig,
-           rng: random.Random, seed_arch: Arch | None = None) -> tuple[Arch, float, list[float]]:
-    """OFA's evolutionary search under `cost <= budget`: keep the top parent_ratio, refill with
-    mutants and crossovers that fit. `fitness(list[Arch]) -> list[float]`. Returns (best arch,
-    its fitness, best fitness per generation)."""
+def initial_population(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, cfg: EvolutionConfig,
+                       rng: random.Random, seed_arch: Arch | None = None) -> tuple[list[Arch], dict]:
+    """The first generation: round(seed_fraction * population) distinct perturbations of `seed_arch`
+    within budget (none without one), the rest uniform samples within budget. Returns it with the
+    counts {"seeded", "random", "seed_fallback"}: seed_fallback counts the samples drawn in place of
+    perturbations that repeated too often (`seeded_population`)."""
     n_seed = int(round(cfg.seed_fraction * cfg.population)) if seed_arch is not None else 0
-    pop = seeded_population(space, seed_arch, n_seed, budget, cost, snap, rng)
+    pop = seeded_population(space, seed_arch, n_seed, budget, cost, snap, rng, cfg.max_tries)
+    seeded = len(pop)
+    if seeded < n_seed:
+        log(f"search-evolution: only {seeded} distinct perturbations of {seed_arch} within {budget:.6g}; "
+            f"{n_seed - seeded} of the seeded population drawn at random instead")
     while len(pop) < cfg.population:
         pop.append(sample_within(space, cost, snap, budget, rng, cfg.max_tries))
+    return pop, {"seeded": seeded, "random": len(pop) - seeded, "seed_fallback": n_seed - seeded}
+
+
+def evolve(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, fitness, cfg: EvolutionConfig,
+           rng: random.Random, seed_arch: Arch | None = None) -> tuple[Arch, float, dict]:
+    """OFA's evolutionary search under `cost <= budget`: keep the top parent_ratio, refill with
+    mutants and crossovers that fit. `fitness(list[Arch]) -> list[float]` is called once per
+    generation on the whole population (generations + 1 times: the last on the final population).
+
+    Returns (best arch, its fitness, curve). The curve is the population quality EAT-NAS compares:
+    {"best": [...], "mean": [...]} of the population's fitness per generation (index 0 is the initial
+    population), with "fitness_evaluations" (architectures scored by `fitness`, not supernet
+    evaluations) and `initial_population`'s counts. The parents survive each generation, so "best"
+    never falls for a deterministic fitness.
+    """
+    pop, init = initial_population(space, cost, snap, budget, cfg, rng, seed_arch)
     n_parents = max(1, int(round(cfg.parent_ratio * cfg.population)))
     n_mut = int(round(cfg.mutation_ratio * (cfg.population - n_parents)))
-    best, best_fit, curve = pop[0], float("-inf"), []
-    for _ in range(cfg.generations):
+    best, best_fit = pop[0], float("-inf")
+    curve = {"best": [], "mean": [], "fitness_evaluations": 0, **init}
+
+    def score(pop: list[Arch]) -> list[float]:
+        nonlocal best, best_fit
         fit = fitness(pop)
+        i = max(range(len(pop)), key=lambda j: fit[j])
+        if fit[i] > best_fit:
+            best, best_fit = pop[i], fit[i]
+        curve["best"].append(round(fit[i], 5))
+        curve["mean"].append(round(sum(fit) / len(fit), 5))
+        curve["fitness_evaluations"] += len(pop)
+        return fit
+
+    for _ in range(cfg.generations):
+        fit = score(pop)
         ranked = sorted(range(len(pop)), key=lambda i: -fit[i])
-        if fit[ranked[0]] > best_fit:
-            best, best_fit = pop[ranked[0]], fit[ranked[0]]
-        curve.append(round(best_fit, 5))
         parents = [pop[i] for i in ranked[:n_parents]]
         children = [_within(lambda: mutate(space, rng.choice(parents), rng, cfg.mutate_prob), cost, snap, budget,
                             cfg.max_tries) for _ in range(n_mut)]
@@ -193,12 +238,24 @@ def evolve(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float
             children.append(_within(lambda: crossover(rng.choice(parents), rng.choice(parents), rng), cost, snap,
                                     budget, cfg.max_tries))
         pop = parents + children
-    fit = fitness(pop)
-    i = max(range(len(pop)), key=lambda j: fit[j])
-    if fit[i] > best_fit:
-        best, best_fit = pop[i], fit[i]
-    curve.append(round(best_fit, 5))
+    score(pop)
     return best, best_fit, curve
+
+
+def transfer_compare(space: SearchSpace, cost: SlotCostModel, snap: Snapper, budget: float, fitness,
+                     cfg: EvolutionConfig, seed: int, basic: Arch) -> dict:
+    """EAT-NAS's comparison at equal evaluations: the same evolution (population, generations, random
+    seed) started from perturbations of `basic` (cfg.seed_fraction of the population) and from uniform
+    samples only. Returns {"budget", "basic", "seeded": {"arch", "fitness", "curve"}, "unseeded": ...}
+    with architectures as strings, JSON-ready."""
+    if cfg.seed_fraction <= 0:
+        raise ValueError("transfer_compare: seed_fraction 0 seeds nothing, both runs would be unseeded")
+    out: dict = {"budget": budget, "basic": str(basic)}
+    for name, arch in (("seeded", basic), ("unseeded", None)):
+        rng = random.Random(fingerprint("transfer-compare", seed, budget))
+        a, f, curve = evolve(space, cost, snap, budget, fitness, cfg, rng, arch)
+        out[name] = {"arch": str(a), "fitness": f, "curve": curve}
+    return out
 
 
 def _by_superclass(scenarios):
@@ -210,8 +267,10 @@ def _by_superclass(scenarios):
 
 def run_ofa_t(setup: Setup, predictor: Predictor, cfg: EvolutionConfig, seed: int,
               seed_arch: Arch | None = None) -> tuple[dict, dict]:
-    """One evolutionary search per (superclass, budget); budgets ascending, each seeded from the
-    previous budget's result when transfer_budgets. Returns ({scenario key: (arch, predicted)}, timing)."""
+    """One evolutionary search per (superclass, budget); budgets ascending. The first budget is seeded
+    from `seed_arch` (if given), each later one, when transfer_budgets, from the previous budget's
+    result for the same superclass (EAT-NAS's proxy task). Returns ({scenario key: (arch, predicted,
+    curve)}, timing), the curve as `evolve` gives it."""
     picks, t0 = {}, time.perf_counter()
     for name, scs in _by_superclass(setup.scenarios).items():
         basic = seed_arch
@@ -228,7 +287,8 @@ def run_ofa_t(setup: Setup, predictor: Predictor, cfg: EvolutionConfig, seed: in
 def run_ofa_v(setup: Setup, predictor: Predictor, cfg: EvolutionConfig, seed: int,
               seed_arch: Arch | None = None) -> tuple[dict, dict]:
     """One evolutionary search per budget for all the grid's superclasses together (also when this run
-    covers only some of them: every part of a fanned-out run then finds the same architectures)."""
+    covers only some of them: every part of a fanned-out run then finds the same architectures).
+    Seeded as `run_ofa_t` is, from the previous budget's result; returns the same shape."""
     scs = setup.grid_scs
     budgets = sorted({s.budget for s in setup.scenarios})
     t0, found, basic = time.perf_counter(), {}, seed_arch

@@ -1,8 +1,8 @@
-"""Random search: for each budget, random architectures within it, the best per superclass by
-supernet validation accuracy.
+"""Random search: for each budget, `samples` random architectures within it, the best per
+superclass by supernet validation accuracy.
 
-The same candidates serve every superclass at a budget (one evaluation scores all superclasses),
-so the comparison with the other methods spends the same kind of evaluations.
+The same candidates serve every superclass at a budget; scoring one on one superclass is one
+evaluation, so a scenario spends `samples` evaluations (search.evaluations).
 """
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ from tailor.space import Arch
 from tailor.utils import fingerprint
 
 
-def run_random(setup: Setup, cfg: RandomSearchConfig, seed: int) -> tuple[dict[str, Arch], dict]:
+def run_random(setup: Setup, cfg: RandomSearchConfig, seed: int, samples: int) -> tuple[dict[str, Arch], dict]:
     """({scenario key: arch}, timing): uniform samples (rejection, then snapped into the window)."""
     t0 = time.perf_counter()
     candidates: dict[float, list[Arch]] = {}
     for b in sorted({s.budget for s in setup.scenarios}):
         rng = random.Random(fingerprint("random", seed, b))
-        archs = [setup.snap(sample_within(setup.space, setup.cost, setup.snap, b, rng, cfg.max_tries), b)
-                 for _ in range(cfg.samples)]
-        candidates[b] = list(dict.fromkeys(archs))
+        # Distinct candidates, so that every scenario spends its full `samples` evaluations.
+        found: dict[Arch, None] = {}
+        for _ in range(20 * samples):
+            if len(found) == samples:
+                break
+            found[setup.snap(sample_within(setup.space, setup.cost, setup.snap, b, rng, cfg.max_tries), b)] = None
+        candidates[b] = list(found)
     t1 = time.perf_counter()
     picks = {}
     for s in setup.scenarios:
