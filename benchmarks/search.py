@@ -15,6 +15,10 @@
         The generator alone (one seed), each of its design choices switched off in turn, and a
         small lambda / normalisation sweep: held-out CE, test accuracy, paired difference vs full.
 
+    python benchmarks/search.py transfer --data D --supernet S --work W [--preset P]
+        EAT-NAS transfer: OFA-T seeded from the previous budget's result vs unseeded, at equal
+        evaluations, on the predictors a quality run left in W: population-quality curves.
+
 Each writes benchmarks/results/search-<name>.json and its own "## Search..." section of
 benchmarks/RESULTS.md (other sections are left alone).
 """
@@ -81,7 +85,7 @@ def latency(args) -> dict:
     from tailor.search.common import Scenario
     from tailor.space import SearchSpace
 
-    p = load_params(ROOT / "params.yaml")
+    p = load_params(ROOT / "params.yaml", args.preset or [])
     space = SearchSpace(p.space, p.data.image_size)
     n_sc, fractions = 10, [0.1, 0.3, 0.5, 0.7, 0.9]
     cfg = p.search.generator
@@ -97,7 +101,7 @@ def latency(args) -> dict:
 
         g2, ck, sp2 = load_generator(args.generator)
         if sp2.cfg != space.cfg or sp2.image_size != space.image_size:
-            raise SystemExit(f"{args.generator}: trained for another search space than params.yaml's")
+            raise SystemExit(f"{args.generator}: trained for another search space than params.yaml's (+ --preset)")
         n_classes = ck.get("num_classes")
         if n_classes is None:  # generators saved before num_classes was recorded: synthetic data only
             syn = ck["params"]["data"]["synthetic"]
@@ -108,7 +112,8 @@ def latency(args) -> dict:
                       f"{n_emb} superclasses embedded; scenario t uses t mod {n_emb})", g2,
                       madds_cost_model(space, n_classes), n_emb))
     out = {"benchmark": "search-latency", "scenarios": n_sc * len(fractions), "superclasses": n_sc,
-           "budget_fractions": fractions, "space": "params.yaml space at 32x32", "generator_config": cfg.model_dump(),
+           "budget_fractions": fractions, "space": f"space of params.yaml + {args.preset or []} at {space.image_size}x{space.image_size}",
+           "generator_config": cfg.model_dump(),
            "repeats": args.repeats, "cases": {}}
     for name, note, gen, cost, n_emb in cases:
         low, high = cost.low_high
@@ -122,7 +127,8 @@ def latency(args) -> dict:
 def latency_markdown(res: dict, command: str) -> str:
     lines = [f"`{command}` — {res['date']} (code {res['code_version']}, load average at start {res['loadavg']})", "",
              f"{res['scenarios']} scenarios ({res['superclasses']} superclasses x budgets at fractions "
-             f"{res['budget_fractions']} of the MAdds range) produced in one call of `tailor.search.propose` "
+             f"{res['budget_fractions']} of the MAdds range; {res['space']}) produced in one call of "
+             f"`tailor.search.propose` "
              f"(mode candidate; median / p90 of {res['repeats']} runs). "
              f"Target: < 10 ms; the EAS paper: < 0.1 s for its generator, 3,474 s for OFA-T.", "",
              "| generator | threads | G forward (ms) | + sample, decode, redraw over budget (ms) | + snap into [0.95 B, B] (ms) | "
@@ -166,6 +172,9 @@ def quality(args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     reused, seconds = [], {}
+    before = RESULTS / f"search-{args.name}.json"
+    if args.reuse and before.exists():  # keep the timings of the stages this run reuses
+        seconds = json.loads(before.read_text()).get("stage_seconds", {})
     if args.reuse and (work / "predictor.pt").exists():
         reused.append("predictor")
     else:
@@ -247,10 +256,13 @@ def quality_markdown(res: dict, command: str) -> str:
              res["table"].strip(), "",
              "Generator learning curve (mode architectures of every superclass at the grid's lowest, middle and "
              "highest budget, on the validation images held out of its gradient; start -> end of training):", "",
-             "| seed | held-out CE | held-out accuracy | mean abs cost gap / budget |", "|---|---|---|---|"]
+             "| seed | held-out CE | held-out accuracy | mean abs cost gap / budget | all scenarios, mode, snapped (ms) |",
+             "|---|---|---|---|---|"]
+    gen_seeds = res["results"]["methods"]["generator"]["seeds"]
     for seed, c in res["generator_heldout_curves"].items():
         lines.append(f"| {seed} | {_curve_cell(c, 'heldout_ce')} | {_curve_cell(c, 'heldout_acc')} | "
-                     f"{_curve_cell(c, 'mode_abs_gap')} |")
+                     f"{_curve_cell(c, 'mode_abs_gap')} | "
+                     f"{gen_seeds[seed]['timing']['mode_only_all_scenarios_ms']:.1f} |")
     sp_ = res["supernet_spread"]
     stds, ses = list(sp_["std_across_archs_per_superclass"].values()), list(sp_["binomial_se_per_superclass"].values())
     lines += ["", f"How much the supernet's accuracy depends on the architecture (the predictor's {sp_['archs']} "
@@ -265,6 +277,80 @@ def quality_markdown(res: dict, command: str) -> str:
         f"seed {s}: {v.get('train_archs')} train archs, holdout RMSE {v.get('holdout_rmse')} (of the mean "
         f"{v.get('holdout_rmse_of_mean')}), Kendall tau {v.get('holdout_kendall_tau')}" for s, v in q.items()), "",
         f"Figures: `benchmarks/results/search-{res['name']}.json`."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- EAT-NAS transfer
+def transfer(args) -> dict:
+    """EAT-NAS's claim at equal evaluations: OFA-T's evolution at each budget after a superclass's
+    first, started from perturbations of the previous budget's result vs from uniform samples (same
+    population, generations and random seed), on each seed's accuracy predictor. Curves: mean and
+    best predicted accuracy of the population per generation, averaged over the cases; the final
+    picks are also measured on the test split (the supernet, as the search table reports)."""
+    import random
+
+    from tailor.search.common import load_setup
+    from tailor.search.evolution import evolve, load_predictor, transfer_compare
+    from tailor.space import Arch
+    from tailor.stats import mean_ci
+    from tailor.utils import fingerprint
+
+    p, _ = _params(args)
+    setup = load_setup(p, args.data, args.supernet)
+    cfg = p.search.evolution.model_copy(update={"seed_fraction": 1.0})
+    cases, t0 = [], time.perf_counter()
+    for seed in p.search.seeds:
+        predictor, _ = load_predictor(Path(args.work) / "predictor.pt", setup, seed)
+        by_sc: dict = {}
+        for sc in setup.scenarios:
+            by_sc.setdefault(sc.superclass, []).append(sc)
+        for name, scs in by_sc.items():
+            scs = sorted(scs, key=lambda x: x.budget)
+            fit = (lambda archs, t=scs[0].sc, predictor=predictor: predictor(archs, t))
+            basic, _, _ = evolve(setup.space, setup.cost, setup.snap, scs[0].budget, fit, cfg,
+                                 random.Random(fingerprint("transfer-first", seed, name)), None)
+            for sc in scs[1:]:
+                res = transfer_compare(setup.space, setup.cost, setup.snap, sc.budget, fit, cfg, seed, basic)
+                for k in ("seeded", "unseeded"):
+                    a = setup.snap(Arch.parse(res[k]["arch"]), sc.budget)
+                    res[k]["test_acc"] = setup.reporter.acc(a, name)
+                cases.append({"seed": seed, "superclass": name, **res})
+                basic = Arch.parse(res["seeded"]["arch"])
+    gens = len(cases[0]["seeded"]["curve"]["mean"])
+    curves = {k: {stat: [round(statistics.mean(c[k]["curve"][stat][g] for c in cases), 5) for g in range(gens)]
+                  for stat in ("mean", "best")} for k in ("seeded", "unseeded")}
+    d_best = [c["seeded"]["fitness"] - c["unseeded"]["fitness"] for c in cases]
+    d_test = [c["seeded"]["test_acc"] - c["unseeded"]["test_acc"] for c in cases]
+    ci = {k: mean_ci(v) for k, v in (("final_best_predicted", d_best), ("test_acc", d_test))}
+    evals = {k: statistics.mean(c[k]["curve"]["fitness_evaluations"] for c in cases) for k in ("seeded", "unseeded")}
+    return {"benchmark": "search-transfer", **_provenance(args), "cases": len(cases),
+            "evolution": cfg.model_dump(mode="json"), "curves": curves, "fitness_evaluations": evals,
+            "seeded_minus_unseeded": {k: {"mean": round(v["mean"], 5), "ci": [round(v["lo"], 5), round(v["hi"], 5)]}
+                                      for k, v in ci.items()},
+            "seconds": round(time.perf_counter() - t0, 1), "per_case": cases}
+
+
+def transfer_markdown(res: dict, command: str) -> str:
+    c, d = res["curves"], res["seeded_minus_unseeded"]
+    gens = len(c["seeded"]["mean"])
+    show = sorted({0, 1, 2, gens // 4, gens // 2, gens - 1})
+    lines = [f"`{command}` — {res['date']} (code {res['code_version']}, {res['seconds']:.0f} s)", "",
+             f"{res['cases']} cases (every superclass at each budget after its first, every seed's predictor): "
+             f"OFA-T's evolution (population {res['evolution']['population']}, {res['evolution']['generations']} "
+             f"generations) seeded entirely with perturbations of the previous budget's result vs started from "
+             f"uniform samples, same random seed and the same fitness evaluations "
+             f"({res['fitness_evaluations']['seeded']:.0f} vs {res['fitness_evaluations']['unseeded']:.0f} per "
+             f"run). Population quality: predicted accuracy (%) of the population, mean over cases.", "",
+             "| generation | " + " | ".join(str(g) for g in show) + " |", "|---|" + "---|" * len(show)]
+    for k in ("seeded", "unseeded"):
+        for stat in ("mean", "best"):
+            lines.append(f"| {k} {stat} | " + " | ".join(f"{100 * c[k][stat][g]:.2f}" for g in show) + " |")
+    f, t = d["final_best_predicted"], d["test_acc"]
+    lines += ["", f"Seeded minus unseeded, final pick: predicted accuracy {100 * f['mean']:+.2f} "
+                  f"[{100 * f['ci'][0]:+.2f}, {100 * f['ci'][1]:+.2f}] points; supernet test accuracy "
+                  f"{100 * t['mean']:+.2f} [{100 * t['ci'][0]:+.2f}, {100 * t['ci'][1]:+.2f}] points (95% t-CI "
+                  f"over cases; a CI holding 0 is a tie).", "",
+              f"Figures: `benchmarks/results/search-{res['name']}.json`."]
     return "\n".join(lines)
 
 
@@ -290,7 +376,10 @@ def ablation(args) -> dict:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    p0, _ = _params(args)
+    base = {"search": {"seeds": [args.seed]}}
+    if args.steps:
+        base["search"]["generator"] = {"steps": args.steps}
+    p0, _ = _params(args, base)
     names = args.only or list(ABLATIONS)
     out, t0 = {}, time.perf_counter()
     for name in names:
@@ -299,8 +388,10 @@ def ablation(args) -> dict:
             from tailor.data import Meta
 
             g["steps"] = p0.search.generator.steps * len(p0.search.superclasses or Meta.load(args.data).superclasses)
-        p, _ = _params(args, {"search": {"seeds": [args.seed], "generator": g}})
-        path = work / f"ablation-{abs(hash(name)) % 10 ** 8}.json"
+        p, _ = _params(args, {"search": {"seeds": [args.seed], "generator": {**base["search"].get("generator", {}),
+                                                                             **g}}})
+        slug = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+        path = work / f"ablation-{slug}-{p.search.generator.steps}steps.json"
         if not (args.reuse and path.exists()):
             run.run_search(p, "generator", args.data, args.supernet, path, generator_out=work / "ablation-g.pt")
         doc = json.loads(path.read_text())
@@ -353,9 +444,11 @@ def main() -> None:
     a.add_argument("--repeats", type=int, default=200)
     a.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     a.add_argument("--generator", type=Path, help="a trained search/generator.pt (default: an untrained generator)")
+    a.add_argument("--preset", type=Path, action="append", help="the space the generator was trained for")
     b = sub.add_parser("quality")
     c = sub.add_parser("ablation")
-    for sp in (b, c):
+    t = sub.add_parser("transfer", help="needs the predictor.pt a quality run left in --work")
+    for sp in (b, c, t):
         sp.add_argument("--data", type=Path, default=ROOT / "data" / "prepared")
         sp.add_argument("--supernet", type=Path, default=ROOT / "models" / "supernet.pt")
         sp.add_argument("--preset", type=Path, action="append")
@@ -365,13 +458,14 @@ def main() -> None:
                         help="keep the results already in --work (from a run with the same arguments)")
         sp.add_argument("--threads", type=int, default=2, help="runtime.threads")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, help="generator steps of every variant (default: the preset's)")
     c.add_argument("--only", nargs="+", choices=list(ABLATIONS), help="run only these variants")
-    for sp in (a, b, c):
+    for sp in (a, b, c, t):
         sp.add_argument("--no-record", action="store_true", help="print only; leave benchmarks/results and RESULTS.md alone")
     args = ap.parse_args()
     command = "python benchmarks/search.py " + " ".join(sys.argv[1:])
     load = [round(x, 2) for x in os.getloadavg()]
-    res = {"latency": latency, "quality": quality, "ablation": ablation}[args.what](args)
+    res = {"latency": latency, "quality": quality, "ablation": ablation, "transfer": transfer}[args.what](args)
     name = getattr(args, "name", None) or args.what
     res.update(command=command, date=datetime.datetime.now().isoformat(timespec="seconds"),
                code_version=code_version(), loadavg=load, name=name)
@@ -379,6 +473,8 @@ def main() -> None:
         heading, md = "Search: tailoring latency (generator, 10 superclasses x 5 budgets, CPU)", latency_markdown(res, command)
     elif args.what == "quality":
         heading, md = f"Search protocol: generator vs baselines ({name})", quality_markdown(res, command)
+    elif args.what == "transfer":
+        heading, md = f"Search: EAT-NAS transfer seeding ({name})", transfer_markdown(res, command)
     else:
         heading, md = f"Search: generator ablation ({name})", ablation_markdown(res, command)
     print(md)
