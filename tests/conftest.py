@@ -17,6 +17,18 @@ TINY = Path(__file__).with_name("tiny.yaml")
 TIN_SC10 = ROOT.parent / "shared" / "data" / "tin-sc10.zip"
 
 
+def arch_changes(a, b) -> list[int]:
+    """Primitives changed per unit between two Archs: a depth change counts once (kept blocks must be
+    unchanged). EAT-NAS's perturbation changes exactly one per unit."""
+    out = []
+    for ua, ub in zip(a.units, b.units):
+        n = int(len(ua) != len(ub))
+        for (ka, ea), (kb, eb) in zip(ua, ub):
+            n += (ka != kb) + (ea != eb)
+        out.append(n)
+    return out
+
+
 def tiny_params(**overrides):
     """params.yaml + tests/tiny.yaml + nested `overrides`."""
     return load_params(ROOT / "params.yaml", [TINY], overrides or None)

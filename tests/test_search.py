@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_params
+from conftest import ROOT, arch_changes, tiny_params
 
 from tailor.config import SearchBudgets
 from tailor.cost import SlotCostModel, madds_cost_model
@@ -262,6 +262,20 @@ def test_generator_proposals_meet_every_budget_after_snapping(setup):
         propose(g, setup.space, setup.cost, setup.snap, [Scenario("sc0", 0, high * 2, 2.0)], 1, 1, 0)
 
 
+def test_hard_costs_equal_the_decoded_architectures_costs(space):
+    """propose() screens redraws against their budgets by hard_costs, without decoding them."""
+    from tailor.search.generator import hard_costs
+
+    gen = torch.Generator().manual_seed(0)
+    g = ArchGenerator(space, 3, 1.0, 2.0, 8, 16, 4)
+    with torch.no_grad():
+        _, gates = g(torch.tensor([0, 1, 2] * 20), torch.full((60,), 1.5), bernoulli_sampler(gen))
+    archs = decode(space, *gates)
+    for model in (madds_cost_model(space, 6), params_cost_model(space, 6)):
+        got = hard_costs(model, *gates).tolist()
+        assert got == pytest.approx([model.cost(a) for a in archs], rel=1e-12)
+
+
 def test_evaluator_scores_one_superclass_as_the_full_pass_does(tiny_run):
     from tailor.search.common import Evaluator
 
@@ -280,17 +294,6 @@ def test_evaluator_scores_one_superclass_as_the_full_pass_does(tiny_run):
 
 
 # ---------------------------------------------------------------- operators
-def _changes(a: Arch, b: Arch) -> list[int]:
-    """Primitives changed per unit: a depth change counts once (kept blocks must be unchanged)."""
-    out = []
-    for ua, ub in zip(a.units, b.units):
-        n = int(len(ua) != len(ub))
-        for (ka, ea), (kb, eb) in zip(ua, ub):
-            n += (ka != kb) + (ea != eb)
-        out.append(n)
-    return out
-
-
 def test_transfer_seeding_changes_one_primitive_per_unit(default_space):
     sp = default_space
     rng = random.Random(0)
@@ -298,7 +301,7 @@ def test_transfer_seeding_changes_one_primitive_per_unit(default_space):
         basic = sp.sample(rng)
         child = perturb(sp, basic, rng)
         sp.validate(child)
-        assert _changes(basic, child) == [1] * sp.n_units
+        assert arch_changes(basic, child) == [1] * sp.n_units
 
 
 def test_nsga2_constrained_sort_and_weighted_crowding():

@@ -6,7 +6,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
-from conftest import tiny_params
+from conftest import arch_changes, tiny_params
 
 from tailor.cost import madds_cost_model
 from tailor.search.common import Scenario, Snapper
@@ -39,17 +39,6 @@ def config(**kw):
 def at(cost, frac: float) -> float:
     low, high = cost.low_high
     return low + frac * (high - low)
-
-
-def changes(a: Arch, b: Arch) -> list[int]:
-    """Primitives changed per unit: a depth change counts once (kept blocks must be unchanged)."""
-    out = []
-    for ua, ub in zip(a.units, b.units):
-        n = int(len(ua) != len(ub))
-        for (ka, ea), (kb, eb) in zip(ua, ub):
-            n += (ka != kb) + (ea != eb)
-        out.append(n)
-    return out
 
 
 class Distance:
@@ -102,7 +91,7 @@ def test_full_seeding_is_distinct_perturbations_within_budget(space, cost, snap)
     for a in first:
         space.validate(a)
         assert cost.cost(a) <= budget
-        if changes(basic, a) == [1] * space.n_units:
+        if arch_changes(basic, a) == [1] * space.n_units:
             kinds.add("perturbed")
         else:
             assert a in snapped, a
@@ -214,7 +203,7 @@ def test_ofa_variants_seed_each_budget_from_the_previous_result(space, cost, sna
         basic = first[0]
         assert picks[f"{name}@{budgets[1]:.12g}"][2]["seeded"] == cfg.population
         for a in calls[n]:  # the second budget's first population
-            assert changes(basic, a) == [1] * space.n_units or cost.cost(a) >= 0.95 * budgets[1] * (1 - 1e-9)
+            assert arch_changes(basic, a) == [1] * space.n_units or cost.cost(a) >= 0.95 * budgets[1] * (1 - 1e-9)
 
     picks_v, _ = run_ofa_v(setup, FakePredictor(space, targets), cfg, 0, seed_arch=targets[0])
     by_budget = {b: {str(picks_v[s.key][0]) for s in setup.scenarios if s.budget == b} for b in budgets}

@@ -364,6 +364,19 @@ def train_generator(setup, cfg: GeneratorConfig, seed: int, log_every: int = 0) 
                        "heldout_images": int(sum(len(v) for v in data.held.values()))}
 
 
+def hard_costs(cost: SlotCostModel, depth: torch.Tensor, kernel: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
+    """Costs (float64, (M,)) of M hard-gated architectures at once, as `cost.cost` gives for each
+    decoded one: lets propose() test many redraws against their budgets without decoding them."""
+    t = cost.table.to(torch.float64)                                     # (U, D, nK, nE)
+    m, u, d = kernel.shape[:3]
+    k = torch.cumprod(kernel, -1).sum(-1).long()                         # (M, U, D) kernel level
+    e = torch.cumprod(expand, -1).sum(-1).long()
+    per_block = t[torch.arange(u)[None, :, None], torch.arange(d)[None, None, :], k, e]
+    run = torch.cat([torch.ones(m, u, cost.min_depth, dtype=torch.float64),
+                     torch.cumprod(depth.to(torch.float64), -1)], -1)    # (M, U, D) block runs
+    return cost.scale * (cost.fixed + (run * per_block).sum((1, 2))) + cost.offset
+
+
 @torch.no_grad()
 def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, snap: Snapper | None,
             scenarios: list[Scenario], candidates: int, max_tries: int, seed: int) -> list[list[Arch]]:
@@ -371,9 +384,10 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
     scenarios at once.
 
     Candidate 0 is the mode (each gate on iff p > 1/2, fed back step by step), the others Bernoulli
-    samples of G's autoregressive distribution; a draw over its budget is redrawn (at most
-    `max_tries` draws per candidate), then snapped into the budget window (when `snap` is given).
-    Draws stop when every scenario has `candidates` distinct ones or after 10 x candidates rounds.
+    samples of G's autoregressive distribution. A draw over its budget is replaced by the first of
+    `max_tries - 1` redraws that fits (all redraws of a round in one batched forward pass), then
+    snapped into the budget window (when `snap` is given). Draws stop when every scenario has
+    `candidates` distinct ones or after 10 x candidates rounds.
     """
     for s in scenarios:
         if not gen_model.low - 1e-9 * abs(gen_model.low) <= s.budget <= gen_model.high * (1 + 1e-9):
@@ -383,24 +397,29 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
     dev = next(gen_model.parameters()).device
     sc = torch.tensor([s.sc for s in scenarios], device=dev)
     budgets = torch.tensor([s.budget for s in scenarios], device=dev, dtype=torch.float32)
+    limit = torch.tensor([s.budget for s in scenarios], dtype=torch.float64) * (1 + 1e-12)
     out: list[list[Arch]] = [[] for _ in scenarios]
     need = list(range(len(scenarios)))
+    redraws = max_tries - 1
     for rnd in range(10 * candidates):
         if not need:
             break
         idx = torch.tensor(need, device=dev)
-        decide = mode_decider if rnd == 0 else bernoulli_sampler(rng)
-        archs = dict(zip(need, decode(space, *gen_model(sc[idx], budgets[idx], decide)[1])))
-        todo = [m for m in need if cost.cost(archs[m]) > scenarios[m].budget]
-        for _ in range(max_tries - 1):
-            if not todo:
-                break
-            t_idx = torch.tensor(todo, device=dev)
-            for m, a in zip(todo, decode(space, *gen_model(sc[t_idx], budgets[t_idx], bernoulli_sampler(rng))[1])):
-                archs[m] = a
-            todo = [m for m in todo if cost.cost(archs[m]) > scenarios[m].budget]
-        for m in need:
-            a = snap(archs[m], scenarios[m].budget) if snap is not None else archs[m]
+        _, g = gen_model(sc[idx], budgets[idx], mode_decider if rnd == 0 else bernoulli_sampler(rng))
+        g = [v.cpu() for v in g]
+        over = torch.nonzero(hard_costs(cost, *g) > limit[idx.cpu()]).flatten()
+        if len(over) and redraws:
+            rep = idx[over.to(dev)].repeat_interleave(redraws)
+            _, g2 = gen_model(sc[rep], budgets[rep], bernoulli_sampler(rng))
+            g2 = [v.cpu() for v in g2]
+            fits = (hard_costs(cost, *g2) <= limit[rep.cpu()]).view(len(over), redraws)
+            # The first redraw that fits, else the last one (snapping brings it within budget).
+            pick = torch.where(fits.any(1), fits.float().argmax(1), torch.full((len(over),), redraws - 1))
+            rows = torch.arange(len(over)) * redraws + pick
+            for v, v2 in zip(g, g2):
+                v[over] = v2[rows]
+        for m, a in zip(need, decode(space, *g)):
+            a = snap(a, scenarios[m].budget) if snap is not None else a
             if a not in out[m]:
                 out[m].append(a)
         need = [m for m in need if len(out[m]) < candidates]
