@@ -221,12 +221,11 @@ def _spread(p, args, predictor_path: Path) -> dict:
     scs = list(rows[0]["acc"])
     acc = torch.tensor([[r["acc"][s] for s in scs] for r in rows], dtype=torch.float64)   # (archs, superclasses)
     cost = torch.tensor([madds.cost(Arch.parse(r["arch"])) for r in rows], dtype=torch.float64)
-    n_val = {}
-    import numpy as np
+    from tailor.data import load_split
 
-    y = np.load(Path(args.data) / "val" / "y.npy")
-    for t, name in enumerate(meta.superclasses):
-        n_val[name] = int(sum(meta.class_superclass[c] == t for c in y.tolist()))
+    _, y = load_split(args.data, "val")
+    sc_of = [meta.class_superclass[c] for c in y.tolist()]
+    n_val = {name: sc_of.count(t) for t, name in enumerate(meta.superclasses)}
     m = acc.mean()
     se = [float((acc[:, i].mean() * (1 - acc[:, i].mean()) / n_val[s]).sqrt()) for i, s in enumerate(scs)]
     mean_arch = acc.mean(1)

@@ -262,17 +262,15 @@ def test_generator_proposals_meet_every_budget_after_snapping(setup):
         propose(g, setup.space, setup.cost, setup.snap, [Scenario("sc0", 0, high * 2, 2.0)], 1, 1, 0)
 
 
-def test_hard_costs_equal_the_decoded_architectures_costs(space):
-    """propose() screens redraws against their budgets by hard_costs, without decoding them."""
-    from tailor.search.generator import hard_costs
-
+def test_batched_cost_gates_equal_the_decoded_architectures_costs(space):
+    """propose() screens a batch of redraws against their budgets by cost_gates, without decoding them."""
     gen = torch.Generator().manual_seed(0)
     g = ArchGenerator(space, 3, 1.0, 2.0, 8, 16, 4)
     with torch.no_grad():
         _, gates = g(torch.tensor([0, 1, 2] * 20), torch.full((60,), 1.5), bernoulli_sampler(gen))
     archs = decode(space, *gates)
     for model in (madds_cost_model(space, 6), params_cost_model(space, 6)):
-        got = hard_costs(model, *gates).tolist()
+        got = model.cost_gates(*(v.double() for v in gates)).tolist()
         assert got == pytest.approx([model.cost(a) for a in archs], rel=1e-12)
 
 

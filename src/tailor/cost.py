@@ -42,7 +42,8 @@ class SlotCostModel:
         return self.scale * total + self.offset
 
     def cost_gates(self, depth: torch.Tensor, kernel: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
-        """Differentiable cost of (relaxed) nested gates, shapes as in supernet.Gates.
+        """Differentiable cost of (relaxed) nested gates, shapes as in supernet.Gates, optionally with
+        leading batch dimensions (M architectures at once -> (M,) costs).
 
         A nested choice with level weights w (w_0 = 1, w_l = prod of the first l gates) picks
         level l with weight w_l - w_{l+1}; a block's cost is its run weight times the expected
@@ -51,12 +52,12 @@ class SlotCostModel:
         from tailor.supernet import nested_levels
 
         table = self.table.to(kernel.device, kernel.dtype)
-        pk = _level_probs(nested_levels(kernel))  # (U, D, nK)
-        pe = _level_probs(nested_levels(expand))  # (U, D, nE)
-        per_block = torch.einsum("udk,ude,udke->ud", pk, pe, table)
-        on_optional = nested_levels(depth)[:, 1:]  # (U, D - min_depth)
-        run = torch.cat([torch.ones_like(per_block[:, :self.min_depth]), on_optional], dim=1)
-        return self.scale * (self.fixed + (run * per_block).sum()) + self.offset
+        pk = _level_probs(nested_levels(kernel))  # (..., U, D, nK)
+        pe = _level_probs(nested_levels(expand))  # (..., U, D, nE)
+        per_block = torch.einsum("...udk,...ude,udke->...ud", pk, pe, table)
+        on_optional = nested_levels(depth)[..., 1:]  # (..., U, D - min_depth)
+        run = torch.cat([torch.ones_like(per_block[..., :self.min_depth]), on_optional], dim=-1)
+        return self.scale * (self.fixed + (run * per_block).sum((-2, -1))) + self.offset
 
     @property
     def low_high(self) -> tuple[float, float]:

@@ -276,17 +276,16 @@ def heldout_point(gen_model: "ArchGenerator", setup, data: _Data, cfg: Generator
     bs = [b for _ in setup.grid_scs for b in budgets]
     dev = data.device
     _, g = gen_model(torch.tensor(scs, device=dev), torch.tensor(bs, device=dev, dtype=torch.float32), mode_decider)
+    held = {t: (data.images(data.val, data.held[t]), data.labels(data.held[t])) for t in setup.grid_scs}
     ce = acc = gap = 0.0
     n_img = 0
     for m, (t, b) in enumerate(zip(scs, bs)):
-        rows = data.held[t]
+        x, y = held[t]
         gates = Gates(g[0][m], g[1][m], g[2][m])
-        logits = _gated_logits(setup.supernet, data, cfg, gates, data.images(data.val, rows), None)
-        y = data.labels(rows)
-        out = logits[:, data.classes[t]]
+        out = _gated_logits(setup.supernet, data, cfg, gates, x, None)[:, data.classes[t]]
         ce += float(F.cross_entropy(out, y, reduction="sum"))
         acc += float((out.argmax(1) == y).sum())
-        n_img += len(rows)
+        n_img += len(y)
         gap += abs(float(setup.cost.cost_gates(gates.depth, gates.kernel, gates.expand)) - b) / b
     return {"heldout_ce": round(ce / n_img, 5), "heldout_acc": round(acc / n_img, 5),
             "mode_abs_gap": round(gap / len(scs), 5)}
@@ -364,19 +363,6 @@ def train_generator(setup, cfg: GeneratorConfig, seed: int, log_every: int = 0) 
                        "heldout_images": int(sum(len(v) for v in data.held.values()))}
 
 
-def hard_costs(cost: SlotCostModel, depth: torch.Tensor, kernel: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
-    """Costs (float64, (M,)) of M hard-gated architectures at once, as `cost.cost` gives for each
-    decoded one: lets propose() test many redraws against their budgets without decoding them."""
-    t = cost.table.to(torch.float64)                                     # (U, D, nK, nE)
-    m, u, d = kernel.shape[:3]
-    k = torch.cumprod(kernel, -1).sum(-1).long()                         # (M, U, D) kernel level
-    e = torch.cumprod(expand, -1).sum(-1).long()
-    per_block = t[torch.arange(u)[None, :, None], torch.arange(d)[None, None, :], k, e]
-    run = torch.cat([torch.ones(m, u, cost.min_depth, dtype=torch.float64),
-                     torch.cumprod(depth.to(torch.float64), -1)], -1)    # (M, U, D) block runs
-    return cost.scale * (cost.fixed + (run * per_block).sum((1, 2))) + cost.offset
-
-
 @torch.no_grad()
 def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, snap: Snapper | None,
             scenarios: list[Scenario], candidates: int, max_tries: int, seed: int) -> list[list[Arch]]:
@@ -385,7 +371,8 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
 
     Candidate 0 is the mode (each gate on iff p > 1/2, fed back step by step), the others Bernoulli
     samples of G's autoregressive distribution. A draw over its budget is replaced by the first of
-    `max_tries - 1` redraws that fits (all redraws of a round in one batched forward pass), then
+    `max_tries - 1` redraws that fits (all redraws of a round in one batched forward pass, their
+    costs from the gates without decoding them), then
     snapped into the budget window (when `snap` is given). Draws stop when every scenario has
     `candidates` distinct ones or after 10 x candidates rounds.
     """
@@ -407,12 +394,12 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
         idx = torch.tensor(need, device=dev)
         _, g = gen_model(sc[idx], budgets[idx], mode_decider if rnd == 0 else bernoulli_sampler(rng))
         g = [v.cpu() for v in g]
-        over = torch.nonzero(hard_costs(cost, *g) > limit[idx.cpu()]).flatten()
+        over = torch.nonzero(cost.cost_gates(*(v.double() for v in g)) > limit[idx.cpu()]).flatten()
         if len(over) and redraws:
             rep = idx[over.to(dev)].repeat_interleave(redraws)
             _, g2 = gen_model(sc[rep], budgets[rep], bernoulli_sampler(rng))
             g2 = [v.cpu() for v in g2]
-            fits = (hard_costs(cost, *g2) <= limit[rep.cpu()]).view(len(over), redraws)
+            fits = (cost.cost_gates(*(v.double() for v in g2)) <= limit[rep.cpu()]).view(len(over), redraws)
             # The first redraw that fits, else the last one (snapping brings it within budget).
             pick = torch.where(fits.any(1), fits.float().argmax(1), torch.full((len(over),), redraws - 1))
             rows = torch.arange(len(over)) * redraws + pick

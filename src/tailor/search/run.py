@@ -51,10 +51,14 @@ def _header(setup: Setup, method: str) -> dict:
             **provenance(setup.p, f"search-{method}")}
 
 
+def _n_budgets(setup: Setup) -> int:
+    return len(resolve_budgets(setup.p.search.budgets, setup.cost))
+
+
 def predictor_samples(setup: Setup) -> int:
     """Subnets the predictor measures per seed so that it spends search.evaluations per scenario:
     each is scored on every superclass (one evaluation each), amortised over the grid's scenarios."""
-    n_grid = len(setup.grid_scs) * len(resolve_budgets(setup.p.search.budgets, setup.cost))
+    n_grid = len(setup.grid_scs) * _n_budgets(setup)
     return max(2, setup.p.search.evaluations * n_grid // len(setup.superclasses))
 
 
@@ -144,7 +148,7 @@ def run_random_method(setup: Setup) -> dict:
 
 def _predictor_share(setup: Setup, ck: dict) -> int:
     """The predictor's evaluations charged to this run's scenarios (its data amortised over the grid)."""
-    n_grid = len(setup.grid_scs) * len(resolve_budgets(setup.p.search.budgets, setup.cost))
+    n_grid = len(setup.grid_scs) * _n_budgets(setup)
     return round(ck["evaluations"] * len(setup.scenarios) / n_grid)
 
 
@@ -184,7 +188,6 @@ def run_nsga2_method(setup: Setup, predictor_path: Path | None) -> dict:
     basic = _seed_arch(cfg.seed_arch, setup, "search.nsga2.seed_arch")
     if cfg.fitness == "predictor" and predictor_path is None:
         raise SearchError("search.nsga2.fitness is 'predictor': pass --predictor (search-predictor's output)")
-    n_budgets = len(resolve_budgets(p.search.budgets, setup.cost))
     runs, fronts_of = {}, {}
     for seed in p.search.seeds:
         setup.evaluator.begin_run()
@@ -199,7 +202,7 @@ def run_nsga2_method(setup: Setup, predictor_path: Path | None) -> dict:
                 return lambda archs: predictor(archs, sc)
         else:
             names = setup.superclasses
-            cap = p.search.evaluations * n_budgets  # one NSGA-II per superclass serves all its budgets
+            cap = p.search.evaluations * _n_budgets(setup)  # one NSGA-II per superclass serves all its budgets
 
             def acc_fn_for(sc):
                 return lambda archs: [setup.evaluator.acc(a, names[sc]) for a in archs]
