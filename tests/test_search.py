@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, arch_changes, tiny_params
@@ -19,11 +20,11 @@ from tailor.nets import StaticNet
 from tailor.search import (ArchGenerator, SearchError, Snapper, decode, gumbel_sigmoid_st, params_cost_model,
                            perturb, propose, resolve_budgets, scenario_grid)
 from tailor.search import run as search_run
-from tailor.search.common import Scenario, cheapest_arch, kendall_tau, load_setup
-from tailor.search.generator import (batch_stat_bn, bernoulli_sampler, context_stat_bn, forced, mode_decider,
-                                     relaxed_sampler)
+from tailor.search.common import Scenario, cheapest_arch, load_setup
+from tailor.search.generator import (batch_stat_bn, bernoulli_sampler, context_stat_bn, forced, mode_decider)
 from tailor.search.nsga2 import non_dominated_sort, weighted_crowding
 from tailor.space import Arch, SearchSpace
+from tailor.stats import kendall_tau
 from tailor.supernet import Gates
 
 
@@ -315,6 +316,27 @@ def test_nsga2_constrained_sort_and_weighted_crowding():
 def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    # tau-b by hand: 5 pairs concordant, 0 discordant, one tie in a only -> 5 / sqrt(5 * 6)
+    assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / np.sqrt(30))
+
+
+def test_spearman_and_rank_agreement():
+    from tailor.stats import rank_agreement, spearman_rho
+
+    # Spearman by the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1)) on untied ranks.
+    a, b = [3, 1, 4, 2, 5], [2, 1, 5, 3, 4]
+    d2 = sum((x - y) ** 2 for x, y in zip(a, b))
+    assert spearman_rho(a, b) == pytest.approx(1 - 6 * d2 / (5 * 24))
+    assert spearman_rho([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=40)
+    strong = rank_agreement(x, x + 0.1 * rng.normal(size=40))
+    noise = rank_agreement(x, rng.normal(size=40))
+    assert strong["kendall_tau_ci"][0] > 0.6 and noise["kendall_tau_ci"][0] < 0 < noise["kendall_tau_ci"][1]
+    y = x + 0.1 * rng.normal(size=40)
+    assert rank_agreement(x, y) == rank_agreement(x, y)  # seeded bootstrap
+    with pytest.raises(ValueError, match="equal-length"):
+        rank_agreement([1, 2], [1, 2])
 
 
 # ---------------------------------------------------------------- the stage

@@ -406,13 +406,13 @@ def test_load_supernet_rebuilds_the_trained_network(tiny_run):
 def test_inplace_distillation_uses_the_steps_largest_subnet_not_the_teacher(tiny_run, tmp_path, monkeypatch):
     """supernet.kd_source inplace (with teacher.epochs 0): the teacher network never runs; every
     subnet after the first of a step distils from the first (the largest) subnet's detached logits."""
-    from tailor import stages
+    from tailor import stages, supernet_training
     from tailor.supernet import SuperNet
 
     p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace", "subnets_per_step": 3})
     stages.train_teacher(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "t.json", tmp_path / "wt")
     calls, forwards = [], []
-    real_kd, real_forward = stages.masked_kd, SuperNet.forward
+    real_kd, real_forward = supernet_training.masked_kd, SuperNet.forward
 
     def kd(student, teacher, keep, temperature):
         calls.append(teacher)
@@ -423,7 +423,7 @@ def test_inplace_distillation_uses_the_steps_largest_subnet_not_the_teacher(tiny
         forwards.append((self.training, arch, out))
         return out
 
-    monkeypatch.setattr(stages, "masked_kd", kd)
+    monkeypatch.setattr(supernet_training, "masked_kd", kd)
     monkeypatch.setattr(SuperNet, "forward", forward)
     m = stages.train_supernet(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "s.pt", tmp_path / "s.json",
                               tmp_path / "ws")

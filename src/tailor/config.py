@@ -139,11 +139,27 @@ class PhaseConfig(Strict):
     expands: list[int]
 
 
+class CurriculumConfig(Strict):
+    """AdaSearch curriculum growth: each phase after the first grows the supernet (SuperNet2SuperNet)."""
+
+    enabled: bool
+    # Progressive distillation within a grown phase: loss (1 - l) CE + l KD from the previous
+    # phase's largest subnet, l moving linearly from kd_start to kd_end over the phase.
+    kd_start: float = Field(ge=0, le=1)
+    kd_end: float = Field(ge=0, le=1)
+
+
 class SupernetConfig(Strict):
     phases: list[PhaseConfig] = Field(min_length=1)
+    # Paths trained per step (their gradients accumulate into one optimizer step):
+    # sandwich: the phase's largest, then uniform ones, then (with >= 3) its smallest;
+    # spos: uniform paths only (SPOS: one); fairnas: strict fairness, every choice of every slot
+    # exactly subnets_per_step / (its number of choices) times per step.
+    sampler: Literal["sandwich", "spos", "fairnas"]
     subnets_per_step: int = Field(ge=1)
-    # Sandwich rule: each step's subnets include the largest (and, with >= 3 per step, the smallest).
-    sandwich: bool
+    # SCARLET's equivariant learnable stabilizer where depth skips a block (folded at extraction).
+    els: bool
+    curriculum: CurriculumConfig
     kd_weight: float = Field(ge=0)
     # Soft targets: 'teacher' (the train-teacher network, OFA) or 'inplace' (the largest subnet of
     # the same step, detached, as in BigNAS: no separate teacher phase is needed, and the soft
@@ -431,12 +447,35 @@ class Params(Strict):
             if getattr(self.stock, field) is not None and getattr(self.stock, field) < spine:
                 raise ValueError(f"stock.{field} is {getattr(self.stock, field)}, fewer than the teacher's and "
                                  f"supernet's epochs together ({spine}): the stock anchors would be undertrained")
-        if self.supernet.kd_source == "inplace" and self.supernet.subnets_per_step < 2:
+        if self.supernet.kd_source == "inplace" and self.supernet.kd_weight > 0 and self.supernet.subnets_per_step < 2:
             raise ValueError("supernet.kd_source 'inplace' needs supernet.subnets_per_step >= 2: with one subnet "
                              "per step the largest subnet has no one to teach")
-        if self.supernet.kd_source == "inplace" and not self.supernet.sandwich:
-            raise ValueError("supernet.kd_source 'inplace' needs supernet.sandwich true: the largest subnet, "
-                             "trained first in each step, provides the soft targets")
+        sn = self.supernet
+        if sn.kd_source == "inplace" and sn.kd_weight > 0 and sn.sampler != "sandwich":
+            raise ValueError(f"supernet.kd_source 'inplace' needs supernet.sampler 'sandwich' (got {sn.sampler!r}): "
+                             "the largest subnet, trained first in each step, provides the soft targets; "
+                             "use kd_weight 0 or kd_source 'teacher'")
+        if sn.sampler == "fairnas":
+            for ph in sn.phases:
+                for name in ("kernels", "depths", "expands"):
+                    n = len(getattr(ph, name))
+                    if sn.subnets_per_step % n:
+                        raise ValueError(f"supernet.sampler 'fairnas': subnets_per_step {sn.subnets_per_step} is not "
+                                         f"a multiple of phase {ph.name!r}'s {n} {name}, so its choices cannot "
+                                         "each be trained equally often per step")
+        if sn.curriculum.enabled:
+            if sn.els:
+                raise ValueError("supernet.curriculum and supernet.els cannot be combined: a block grown as an "
+                                 "identity would replace a learnt stabilizer, so growth would not preserve function")
+            if len(sn.phases) < 2:
+                raise ValueError("supernet.curriculum needs >= 2 phases: the first trains the small supernet, "
+                                 "each later one grows it")
+            for prev, ph in zip(sn.phases, sn.phases[1:]):
+                for name in ("kernels", "depths", "expands"):
+                    lost = sorted(set(getattr(prev, name)) - set(getattr(ph, name)))
+                    if lost:
+                        raise ValueError(f"supernet.curriculum: phase {ph.name!r} drops {name} {lost} of phase "
+                                         f"{prev.name!r}; a curriculum only grows")
         return self
 
 

@@ -5,7 +5,6 @@ written atomically, and every artifact records the params and code version it ca
 """
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -17,13 +16,9 @@ from tailor.config import Params
 from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
-from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, masked_kd,
-                          resolve_device, split_by_superclass, superclass_keep_mask, warmup_cosine)
+from tailor.context import Context, _summary, load_supernet, provenance, save_supernet  # noqa: F401
+from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
 from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
-
-
-def provenance(p: Params, stage: str) -> dict:
-    return {"stage": stage, "code_version": code_version(), "params": p.model_dump(mode="json")}
 
 
 # ---------------------------------------------------------------- prepare-data
@@ -38,87 +33,6 @@ def prepare_data(p: Params, out_dir: Path, metrics_path: Path) -> dict:
     atomic_write_json(metrics_path, metrics)
     log(f"prepare-data: {metrics}")
     return metrics
-
-
-# ---------------------------------------------------------------- shared plumbing
-class Context:
-    """What the training stages share: device, data on it, the search space."""
-
-    def __init__(self, p: Params, data_dir: Path):
-        self.p, self.data_dir = p, Path(data_dir)
-        self.meta = Meta.load(data_dir)
-        self.device = resolve_device(p.runtime)
-        self.space = SearchSpace(p.space, self.meta.image_size)
-        self.num_classes = len(self.meta.classes)
-        self._batches: dict[str, Batches] = {}
-
-    def batches(self, split: str, batch_size: int | None = None) -> Batches:
-        key = f"{split}:{batch_size}"
-        if key not in self._batches:
-            x, y = datamod.load_split(self.data_dir, split)
-            rt = self.p.runtime
-            on_device = True
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info()
-                on_device = x.nbytes <= rt.device_data_fraction * free
-            self._batches[key] = Batches(x, y, self.meta, self.device, batch_size or rt.eval_batch_size,
-                                         pad_crop=self.p.augment.pad_crop, flip=self.p.augment.flip,
-                                         on_device=on_device, channels_last=rt.channels_last)
-        return self._batches[key]
-
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        model = model.to(self.device)
-        if self.p.runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return model
-
-    def recal_batches(self, seed: int):
-        """A fixed, seeded sample of un-augmented training batches for BN recalibration."""
-        b = self.batches("train", self.p.runtime.bn_recal_batch_size)
-        it = b.epoch(seed, augment=False)
-        return [next(it)[0] for _ in range(min(self.p.runtime.bn_recal_batches, b.num_batches(True)))]
-
-    def evaluate_subnet(self, supernet: SuperNet, arch: Arch, splits=("val", "test"), per_image: bool = False) -> dict:
-        """Extract `arch`, recalibrate its BN on training batches, and score it on each split.
-
-        `per_image` adds the test hits split by superclass ("test_correct"), for paired comparisons."""
-        net = self.prepare_model(supernet.extract(arch))
-        recalibrate_bn(net, self.recal_batches(self.p.seed))
-        net.eval()
-        out = {"arch": str(arch), "madds": self.space.madds(arch, self.num_classes)}
-        with autocast(self.device, self.p.runtime):
-            for split in splits:
-                out[split] = evaluate(net, self.batches(split), self.meta, per_image=per_image and split == "test")
-        if per_image and "test" in splits:
-            out["test_correct"] = split_by_superclass(out["test"].pop("correct"), self.batches("test").y_cpu.numpy(),
-                                                      self.meta)
-        return out
-
-
-def save_supernet(path: Path, model: SuperNet, ctx: Context, p: Params, stage: str, extra: dict) -> None:
-    atomic_torch_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-                       "num_classes": ctx.num_classes, "image_size": ctx.meta.image_size,
-                       "meta": ctx.meta.__dict__, **provenance(p, stage), **extra}, path)
-
-
-def load_supernet(path: Path, device: torch.device | str = "cpu") -> tuple[SuperNet, dict]:
-    """A SuperNet rebuilt from its checkpoint's own recorded space config."""
-    from tailor.config import SpaceConfig
-
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
-    net = SuperNet(space, ck["num_classes"])
-    net.load_state_dict(ck["state_dict"])
-    return net.to(device), ck
-
-
-def _summary(evals: dict) -> dict:
-    return {name: {"arch": e["arch"], "madds_m": round(e["madds"] / 1e6, 3),
-                   **{f"{s}_sc_top1_mean": e[s]["sc_top1_mean"] for s in ("val", "test")},
-                   **{f"{s}_top1": e[s]["top1"] for s in ("val", "test")},
-                   "test_images_per_s": e["test"]["images_per_s"], "test_sc_top1": e["test"]["sc_top1"],
-                   **({"test_correct": e["test_correct"]} if "test_correct" in e else {})}
-            for name, e in evals.items()}
 
 
 # ---------------------------------------------------------------- train-teacher
@@ -156,85 +70,10 @@ def train_teacher(p: Params, data_dir: Path, out_path: Path, metrics_path: Path,
 # ---------------------------------------------------------------- train-supernet
 def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path, metrics_path: Path,
                    work_dir: Path) -> dict:
-    """Progressive shrinking from the teacher's weights, with KD from the teacher and superclass dropout."""
-    ctx = Context(p, data_dir)
-    cfg = p.supernet
-    torch.manual_seed(p.seed)
-    # The teacher's weights initialise the supernet either way (with teacher.epochs 0 they are the
-    # seeded initial weights); it runs as a KD teacher only with kd_source 'teacher'.
-    teacher, _ = load_supernet(teacher_path, ctx.device)
-    teacher = ctx.prepare_model(teacher).eval()
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    model = SuperNet(ctx.space, ctx.num_classes)
-    model.load_state_dict(teacher.state_dict())  # OFA: shrinking starts from the trained largest network
-    model = ctx.prepare_model(model)
+    """The weight-sharing supernet by the configured recipe (tailor.supernet_training)."""
+    from tailor.supernet_training import train_supernet as run
 
-    # Epoch -> phase, and a per-phase cosine schedule (each phase restarts its learning rate).
-    starts, t = [], 0
-    for ph in cfg.phases:
-        starts.append(t)
-        t += ph.epochs
-    total = t
-
-    def phase_at(epoch: int):
-        i = max(j for j, s in enumerate(starts) if s <= epoch)
-        return i, cfg.phases[i]
-
-    def lr_at(tt: float) -> float:
-        i, ph = phase_at(min(int(tt), total - 1))
-        return warmup_cosine(ph.lr, ph.epochs, cfg.optim.warmup_epochs)(tt - starts[i])
-
-    class_sc = torch.tensor(ctx.meta.class_superclass, device=ctx.device)
-
-    def step(m, x, y, sc, epoch, i):
-        _, ph = phase_at(epoch)
-        rng = random.Random(fingerprint(p.seed, epoch, i))
-        gen = torch.Generator().manual_seed(rng.getrandbits(62))
-        t_logits = None
-        if cfg.kd_source == "teacher":
-            with torch.no_grad(), autocast(ctx.device, p.runtime):
-                t_logits = teacher(x)
-        keep = superclass_keep_mask(sc, class_sc, cfg.superclass_dropout, gen)
-        phase_min = ctx.space.uniform(min(ph.depths), min(ph.kernels), min(ph.expands))
-        losses = {"ce": 0.0, "kd": 0.0}
-        for k in range(cfg.subnets_per_step):
-            # Sandwich rule: the largest first and, with three or more per step, the smallest last;
-            # the rest uniform, so that middle-sized subnets are trained too.
-            if cfg.sandwich and k == 0:
-                arch = ctx.space.max_arch
-            elif cfg.sandwich and k == cfg.subnets_per_step - 1 and k >= 2:
-                arch = phase_min
-            else:
-                arch = ctx.space.sample(rng, ph.kernels, ph.depths, ph.expands)
-            with autocast(ctx.device, p.runtime):
-                logits = m(x, arch)
-            ce = masked_cross_entropy(logits, y, keep, cfg.optim.label_smoothing)
-            if t_logits is None:  # in-place: the largest subnet (k == 0) learns from labels and teaches the rest
-                kd = torch.zeros((), device=logits.device)
-                t_logits = logits.detach()
-            else:
-                kd = masked_kd(logits, t_logits, keep, cfg.kd_temperature)
-            ((ce + cfg.kd_weight * kd) / cfg.subnets_per_step).backward()
-            losses["ce"] += ce.item() / cfg.subnets_per_step
-            losses["kd"] += kd.item() / cfg.subnets_per_step
-        return losses
-
-    fp = fingerprint("supernet", p.seed, p.space.model_dump(), p.augment.model_dump(), cfg.model_dump(),
-                     file_hash(Path(data_dir) / "meta.json"), file_hash(teacher_path))
-    res = fit(model, ctx.batches("train", cfg.optim.batch_size), make_optimizer(model, cfg.optim), total, lr_at,
-              step, Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
-    model.eval()
-    evals = {name: ctx.evaluate_subnet(model, getattr(ctx.space, f"{name}_arch"), per_image=True)
-             for name in ("min", "mid", "max")}
-    metrics = {"epochs": total, "phases": [ph.name for ph in cfg.phases], "train_seconds": round(res.seconds, 1),
-               "device": str(ctx.device), "superclass_dropout": cfg.superclass_dropout,
-               "history": res.history, "subnets": _summary(evals)}
-    save_supernet(out_path, model, ctx, p, "train-supernet", {"metrics": metrics})
-    atomic_write_json(metrics_path, metrics)
-    log("train-supernet: " + ", ".join(f"{k} {v['madds_m']}M val={v['val_sc_top1_mean']}"
-                                       for k, v in metrics["subnets"].items()))
-    return metrics
+    return run(p, data_dir, teacher_path, out_path, metrics_path, work_dir)
 
 
 # ---------------------------------------------------------------- train-stock

@@ -65,3 +65,52 @@ def mean_ci(values: list[float]) -> dict:
     t = _T975[v.size - 2] if v.size - 1 <= len(_T975) else 1.96
     half = t * float(v.std(ddof=1)) / np.sqrt(v.size)
     return {"n": int(v.size), "mean": mean, "lo": mean - half, "hi": mean + half}
+
+
+def kendall_tau(a, b) -> float:
+    """Kendall's tau-b (ties counted in neither concordant nor discordant pairs)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    i, j = np.triu_indices(len(a), 1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    s = float((da * db).sum())
+    denom = np.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
+    return s / denom if denom else 0.0
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    """Ranks from 0, tied values sharing their average rank."""
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v), dtype=np.float64)
+    for x in np.unique(v):
+        tied = v == x
+        if tied.sum() > 1:
+            r[tied] = r[tied].mean()
+    return r
+
+
+def spearman_rho(a, b) -> float:
+    """Spearman's rank correlation: Pearson's r of the (average-tie) ranks."""
+    ra, rb = _ranks(np.asarray(a, dtype=np.float64)), _ranks(np.asarray(b, dtype=np.float64))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denom) if denom else 0.0
+
+
+def rank_agreement(a, b, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Kendall tau and Spearman rho of two scorings of the same items, with percentile bootstrap CIs.
+
+    Items (architectures) are resampled with replacement, the same indices for both scorings, so
+    the CI reflects which architectures the benchmark happened to draw.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b) or len(a) < 3:
+        raise ValueError(f"rank_agreement: needs two equal-length scorings of >= 3 items, got {len(a)} and {len(b)}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    taus = np.array([kendall_tau(a[k], b[k]) for k in idx])
+    rhos = np.array([spearman_rho(a[k], b[k]) for k in idx])
+    q = [(1 - level) / 2, 1 - (1 - level) / 2]
+    return {"n": int(len(a)), "kendall_tau": kendall_tau(a, b), "kendall_tau_ci": [float(x) for x in np.quantile(taus, q)],
+            "spearman_rho": spearman_rho(a, b), "spearman_rho_ci": [float(x) for x in np.quantile(rhos, q)],
+            "resamples": resamples, "level": level}

@@ -131,7 +131,7 @@ def _train_one(p: Params, ctx, name: str, m: StockModel, classes: list[int] | No
 
 def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path) -> dict:
     """Every stock generalist of stock.models, and a specialist per superclass (stock.specialist)."""
-    from tailor.stages import Context, provenance
+    from tailor.context import Context, provenance
     from tailor.utils import atomic_dir
 
     ctx = Context(p, data_dir)

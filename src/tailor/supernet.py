@@ -6,6 +6,11 @@ Two ways to run a subnet, both on the same weights:
 - `forward_gated(x, gates)` keeps full-size tensors and multiplies by nested binary gates, so the
   architecture generator can back-propagate into the gate probabilities (single-path encoding).
 For hard 0/1 gates both give the same outputs as the extracted `StaticNet`.
+
+With `els` (SCARLET's equivariant learnable stabilizer) a block skipped by depth is not an
+identity but a learnable 1x1 convolution (no BN, no activation), initialised to the identity.
+Skipped blocks trail their unit, so a unit's stabilizers compose to one linear map on its output,
+which extraction folds into the next 1x1 convolution: the exported network keeps its shape.
 """
 from __future__ import annotations
 
@@ -190,8 +195,13 @@ class Gates:
         return Arch(tuple(units))
 
 
+def _stabilize(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """A stabilizer: the 1x1 convolution with matrix `a` (channels x channels)."""
+    return F.conv2d(x, a[:, :, None, None])
+
+
 class SuperNet(nn.Module):
-    def __init__(self, space: SearchSpace, num_classes: int):
+    def __init__(self, space: SearchSpace, num_classes: int, els: bool = False):
         super().__init__()
         c = space.cfg
         if list(c.depths) != list(range(min(c.depths), max(c.depths) + 1)):
@@ -205,14 +215,40 @@ class SuperNet(nn.Module):
                               c.activations[i])
                 for j in range(space.max_depth)]))
         self.head = Head(space, num_classes)
+        self.els = None
+        if els:
+            geo = list(space.unit_geometry())
+            for i in range(1, len(geo)):
+                cin, cout, stride, _ = geo[i]
+                if stride == 1 and cin == cout:
+                    raise ValueError(f"supernet.els: unit {i}'s first block is residual (stride 1, {cin} -> {cout} "
+                                     f"channels), so unit {i - 1}'s stabilizers cannot be folded into it; "
+                                     "give it a stride or a new width, or turn els off")
+            n_opt = space.max_depth - min(c.depths)
+            # One (channels x channels) matrix per optional block slot of each unit.
+            self.els = nn.ParameterList([nn.Parameter(torch.eye(w).repeat(n_opt, 1, 1)) for w in c.widths])
 
     def forward(self, x, arch: Arch | None = None):
         arch = arch or self.space.max_arch
         x = self.stem(x)
-        for unit, blocks in zip(self.units, arch.units):
+        dmin = min(self.space.cfg.depths)
+        for i, (unit, blocks) in enumerate(zip(self.units, arch.units)):
             for blk, (k, e) in zip(unit, blocks):
                 x = blk(x, k, e)
+            if self.els is not None:
+                for j in range(len(blocks), self.space.max_depth):
+                    x = _stabilize(x, self.els[i][j - dmin])
         return self.head(x)
+
+    def stabilizer(self, i: int, depth: int) -> torch.Tensor | None:
+        """The linear map unit i's skipped blocks apply at this depth (None: none, or no ELS)."""
+        if self.els is None or depth == self.space.max_depth:
+            return None
+        dmin, m = min(self.space.cfg.depths), None
+        for j in range(depth, self.space.max_depth):
+            a = self.els[i][j - dmin]
+            m = a if m is None else a @ m  # later slots apply after earlier ones
+        return m
 
     def forward_gated(self, x, gates: Gates):
         x = self.stem(x)
@@ -223,8 +259,11 @@ class SuperNet(nn.Module):
                 y = blk.forward_gated(x, gates.kernel[i, j], gates.expand[i, j])
                 if j < dmin:
                     x = y
-                else:  # optional blocks are residual: H + g F'(H) == H (1 - g) + F(H) g
+                elif self.els is None:  # optional blocks are residual: H + g F'(H) == H (1 - g) + F(H) g
                     x = x + on[j - dmin + 1] * (y - x)
+                else:  # a skipped block is its stabilizer
+                    s = _stabilize(x, self.els[i][j - dmin])
+                    x = s + on[j - dmin + 1] * (y - s)
         return self.head(x)
 
     def extract(self, arch: Arch, classes: list[int] | None = None) -> StaticNet:
@@ -235,6 +274,21 @@ class SuperNet(nn.Module):
         blocks = [self.units[i][j].extract(k, e) for i, j, k, e in arch.blocks()]
         net.blocks = nn.Sequential(*blocks)
         head_state = copy.deepcopy(self.head.state_dict())
+        if self.els is not None:
+            # Fold each unit's stabilizers into the 1x1 conv that next reads its output (the next
+            # unit's expand conv, checked non-residual at construction, or the head's final conv).
+            starts = [sum(arch.depths[:i]) for i in range(len(arch.units))]
+            with torch.no_grad():
+                for i, d in enumerate(arch.depths):
+                    m = self.stabilizer(i, d)
+                    if m is None:
+                        continue
+                    if i + 1 < len(arch.units):
+                        conv = blocks[starts[i + 1]].expand[0]
+                        conv.weight.copy_((conv.weight[:, :, 0, 0] @ m)[:, :, None, None])
+                    else:
+                        w = head_state["final.0.weight"]
+                        head_state["final.0.weight"] = (w[:, :, 0, 0] @ m)[:, :, None, None]
         if classes is not None:
             idx = torch.as_tensor(classes)
             head_state["classifier.weight"] = head_state["classifier.weight"][idx]

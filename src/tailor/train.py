@@ -33,9 +33,13 @@ def autocast(device: torch.device, rt: RuntimeConfig):
 
 
 def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # No weight decay on BN and biases (1-D tensors), as in the torchvision recipes.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    # No weight decay on BN and biases (1-D tensors), as in the torchvision recipes, nor on the
+    # supernet's stabilizers (els.*): decay would pull them toward zero, not toward their identity init.
+    def decays(name: str, p: torch.Tensor) -> bool:
+        return p.ndim > 1 and not name.startswith("els.")
+
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and decays(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not decays(n, p)]
     return torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                             {"params": no_decay, "weight_decay": 0.0}],
                            lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
@@ -95,14 +99,16 @@ class FitResult:
 
 def fit(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, epochs: int,
         lr_at: Callable[[float], float], step: StepFn, checkpoint: Path, seed: int, fingerprint: str,
-        log_every: int = 50, after_epoch: Callable[[int], dict] | None = None) -> FitResult:
+        log_every: int = 50, after_epoch: Callable[[int], dict] | None = None,
+        before_epoch: Callable[[int], None] | None = None) -> FitResult:
     """Train `model` for `epochs`, checkpointing atomically after every epoch.
 
     `step(model, x, y, superclass, epoch, step_index)` computes the loss(es) and calls backward;
     the loop owns the learning rate, the optimizer step and checkpoints. A checkpoint whose
     fingerprint (params and inputs) differs from this run's is ignored rather than resumed.
     Randomness is re-seeded from (seed, epoch) at every epoch, so a resumed run equals an
-    uninterrupted one.
+    uninterrupted one. `before_epoch(epoch)` runs once before each epoch this call trains (after a
+    resume too), e.g. to grow the model at a curriculum stage boundary.
     """
     result = FitResult()
     start = 0
@@ -118,6 +124,8 @@ def fit(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, ep
             log(f"ignoring {checkpoint}: it belongs to another configuration")
     n = batches.num_batches(drop_last=True)
     for epoch in range(start, epochs):
+        if before_epoch:
+            before_epoch(epoch)
         t0 = time.perf_counter()
         torch.manual_seed(seed * 100_003 + epoch)  # dropout and anything else drawing from torch's RNG
         model.train()

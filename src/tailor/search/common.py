@@ -480,7 +480,7 @@ class Evaluator:
 @dataclass
 class Setup:
     p: Params
-    ctx: object                 # tailor.stages.Context
+    ctx: object                 # tailor.context.Context
     supernet: torch.nn.Module
     space: SearchSpace
     cost: SlotCostModel         # what budgets are in
@@ -516,7 +516,7 @@ class Setup:
 
 
 def load_setup(p: Params, data_dir: Path, supernet_path: Path, only: list[str] | None = None) -> Setup:
-    from tailor.stages import Context, load_supernet
+    from tailor.context import Context, load_supernet
 
     ctx = Context(p, data_dir)
     supernet, ck = load_supernet(supernet_path, ctx.device)
@@ -583,23 +583,3 @@ def proxy_classes(ctx, supernet, space: SearchSpace, fraction: float, seed: int)
     return {"fraction": fraction, "ranked_by": "largest subnet, validation, per class",
             "classes": {meta.superclasses[t]: cs for t, cs in enumerate(chosen)},
             "class_accuracy": {meta.classes[c]: round(a, 4) for c, a in acc.items()}}
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """Kendall's tau-b (ties counted in neither concordant nor discordant pairs)."""
-    n, conc, disc, ta, tb = len(a), 0, 0, 0, 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ta += 1
-            elif db == 0:
-                tb += 1
-            elif (da > 0) == (db > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = math.sqrt((conc + disc + ta) * (conc + disc + tb))
-    return (conc - disc) / denom if denom else 0.0

@@ -27,7 +27,8 @@ from torch import nn
 
 from tailor.config import EvolutionConfig, PredictorConfig
 from tailor.cost import SlotCostModel
-from tailor.search.common import Setup, Snapper, crossover, kendall_tau, mutate, sample_within, seeded_population
+from tailor.search.common import Setup, Snapper, crossover, mutate, sample_within, seeded_population
+from tailor.stats import kendall_tau
 from tailor.space import Arch, SearchSpace
 from tailor.utils import fingerprint, log
 
@@ -145,7 +146,7 @@ def fit_predictor(space: SearchSpace, superclasses: list[str], rows: list[dict],
 
 def save_predictor(path, cfg: PredictorConfig, setup: Setup, per_seed: dict) -> None:
     """One predictor per seed of search.seeds: {seed: {"model", "rows", "quality", "timing", "evaluations"}}."""
-    from tailor.stages import provenance
+    from tailor.context import provenance
     from tailor.utils import atomic_torch_save
 
     seeds = {str(s): {"state_dict": r["model"].state_dict(), "data": r["rows"], "quality": r["quality"],

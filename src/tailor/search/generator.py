@@ -414,7 +414,7 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
 
 
 def save_generator(path, gen_model: ArchGenerator, cfg: GeneratorConfig, setup, extra: dict) -> None:
-    from tailor.stages import provenance
+    from tailor.context import provenance
     from tailor.utils import atomic_torch_save
 
     atomic_torch_save({"state_dict": {k: v.cpu() for k, v in gen_model.state_dict().items()},

@@ -14,7 +14,6 @@ per task) into search/results.json, search/table.md and the metrics.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ def _seed_arch(value: str | None, setup: Setup, field: str) -> Arch | None:
 
 
 def _header(setup: Setup, method: str) -> dict:
-    from tailor.stages import provenance
+    from tailor.context import provenance
 
     low, high = setup.cost.low_high
     c = setup.p.search.cost
@@ -414,7 +413,7 @@ def _charged(name: str) -> str:
 
 
 def collect(p: Params, inputs: list[Path], results_path: Path, table_path: Path, metrics_path: Path) -> dict:
-    from tailor.stages import provenance
+    from tailor.context import provenance
 
     if not inputs:
         raise SearchError("search-collect: no search result files given")

@@ -1,0 +1,263 @@
+"""How well a supernet ranks architectures: its accuracies against stand-alone training.
+
+    # 1. >= 20 architectures spread over the cost range, each trained from scratch (cached, resumable):
+    .venv/bin/python benchmarks/ranking.py standalone --preset configs/tin-sc10-cpu.yaml --work runs/ranking
+    # 2. one supernet training recipe (overlays over the preset), trained and scored against them:
+    .venv/bin/python benchmarks/ranking.py variant --name fairnas --preset configs/tin-sc10-cpu.yaml \\
+        --preset configs/ranking/fairnas.yaml --work runs/ranking
+    # 3. the table of every variant scored so far (RESULTS.md section):
+    .venv/bin/python benchmarks/ranking.py table --data-name tin-sc10-cpu
+
+Stand-alone recipe: the stock anchors' (`stock.optim`, `stock.epochs`: the same loop, data,
+epochs and augmentation the stock MobileNetV3s get), every class, one seed; scored on the test
+split, superclass-restricted, averaged over superclasses. The architectures are drawn from a
+seeded pool of uniform samples so that their MAdds are evenly spaced from the space's minimum to
+its maximum; the space's min / mid / max are always among them. Results are cached per
+architecture in benchmarks/results/ranking-standalone-<data>.json, keyed by a fingerprint of the
+recipe and the data, so every supernet variant is scored against the same figures.
+
+A variant's supernet accuracy for an architecture is what search sees: extracted, BN
+recalibrated on training images, scored on the same test split. Kendall tau and Spearman rho
+with 95% bootstrap CIs (architectures resampled). Wall time is train-supernet's own training
+seconds on this machine; variants run one at a time (`wait_for_quiet`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, RESULTS_MD, ROOT, upsert_section, wait_for_quiet  # noqa: E402
+
+
+def select_archs(space, num_classes: int, n: int, seed: int, pool: int = 4000) -> list:
+    """`n` architectures whose MAdds are evenly spaced over the space's range (min, mid, max included)."""
+    rng = random.Random(f"ranking-{seed}")
+    c = space.cfg
+
+    def window(v):  # a random contiguous run of the sorted choices: uniform samples alone miss both ends
+        i = rng.randrange(len(v))
+        j = rng.randrange(i, len(v))
+        return list(v[i:j + 1])
+
+    cands = {str(a): a for a in (space.sample(rng, window(c.kernels), window(c.depths), window(c.expands))
+                                 for _ in range(pool))}
+    fixed = [space.min_arch, space.mid_arch, space.max_arch]
+    for a in fixed:
+        cands.pop(str(a), None)
+    cost = {k: space.madds(a, num_classes) for k, a in cands.items()}
+    lo, hi = space.madds(space.min_arch, num_classes), space.madds(space.max_arch, num_classes)
+    chosen = list(fixed)
+    for i in range(1, n - 1):
+        if len(chosen) >= n:
+            break
+        target = lo + (hi - lo) * i / (n - 1)
+        best = min(cost, key=lambda k: abs(cost[k] - target))
+        chosen.append(cands[best])
+        cost.pop(best)
+    return sorted(chosen, key=lambda a: space.madds(a, num_classes))
+
+
+def _prepare(p, work: Path, data: Path | None) -> Path:
+    from tailor import stages
+
+    data = Path(data) if data else work / "data"
+    if not (data / "meta.json").exists():
+        stages.prepare_data(p, data, work / "metrics" / "data.json")
+    return data
+
+
+def train_standalone(p, ctx, arch, epochs: int, work: Path, fp: str) -> dict:
+    """One architecture from scratch by `fit` with the stock recipe, scored on val and test."""
+    import torch
+
+    from tailor.nets import StaticNet
+    from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
+
+    cfg = p.stock.optim
+    torch.manual_seed(p.seed)
+    net = ctx.prepare_model(StaticNet(ctx.space, arch, ctx.num_classes))
+
+    def step(model, xb, yb, scb, epoch, i):
+        with autocast(ctx.device, p.runtime):
+            logits = model(xb)
+        loss = masked_cross_entropy(logits, yb, torch.ones_like(logits, dtype=torch.bool), cfg.label_smoothing)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    res = fit(net, ctx.batches("train", cfg.batch_size), make_optimizer(net, cfg), epochs,
+              warmup_cosine(cfg.lr, epochs, cfg.warmup_epochs), step, work / "checkpoint.pt", p.seed, fp,
+              p.runtime.log_every)
+    net.eval()
+    with autocast(ctx.device, p.runtime):
+        val = evaluate(net, ctx.batches("val"), ctx.meta)
+        test = evaluate(net, ctx.batches("test"), ctx.meta)
+    return {"arch": str(arch), "madds": ctx.space.madds(arch, ctx.num_classes), "epochs": epochs,
+            "val_sc_top1_mean": val["sc_top1_mean"], "test_sc_top1_mean": test["sc_top1_mean"],
+            "test_top1": test["top1"], "train_seconds": round(res.seconds, 1)}
+
+
+def standalone_path(data_name: str) -> Path:
+    return RESULTS / f"ranking-standalone-{data_name}.json"
+
+
+def cmd_standalone(args, p) -> dict:
+    from tailor.stages import Context
+    from tailor.utils import atomic_write_json, code_version, file_hash, fingerprint, log
+
+    work = Path(args.work)
+    data = _prepare(p, work, args.data)
+    ctx = Context(p, data)
+    epochs = args.epochs or p.stock_epochs()
+    recipe = {"seed": p.seed, "epochs": epochs, "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
+              "space": p.space.model_dump(), "data": file_hash(data / "meta.json"), "archs": args.archs}
+    fp = fingerprint("ranking-standalone", recipe)
+    path = standalone_path(args.data_name)
+    out = json.loads(path.read_text()) if path.exists() else {}
+    if out.get("fingerprint") != fp:
+        out = {"benchmark": "ranking-standalone", "fingerprint": fp, "recipe": recipe, "results": {}}
+    archs = select_archs(ctx.space, ctx.num_classes, args.archs, p.seed)
+    for i, arch in enumerate(archs):
+        if str(arch) in out["results"]:
+            continue
+        log(f"stand-alone {i + 1}/{len(archs)}: {arch} ({ctx.space.madds(arch, ctx.num_classes) / 1e6:.2f}M MAdds)")
+        r = train_standalone(p, ctx, arch, epochs, work / "standalone" / f"{i:02d}", fp)
+        r["code_version"] = code_version()
+        out["results"][str(arch)] = r
+        out["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, out)  # after every architecture: a killed run keeps what it finished
+        log(f"stand-alone {arch}: test sc-top-1 {r['test_sc_top1_mean']:.4f} in {r['train_seconds']} s")
+    return out
+
+
+def cmd_variant(args, p) -> dict:
+    import torch
+
+    from tailor import stages
+    from tailor.stats import rank_agreement
+    from tailor.utils import atomic_write_json, code_version, log
+
+    sa = json.loads(standalone_path(args.data_name).read_text())["results"]
+    work = Path(args.work)
+    data = _prepare(p, work, args.data)
+    vdir = work / "variants" / args.name
+    quiet, waited = wait_for_quiet(args.quiet_load, args.max_wait)
+    load_start = [round(v, 2) for v in os.getloadavg()]
+    t0 = time.perf_counter()
+    stages.train_teacher(p, data, vdir / "teacher.pt", vdir / "metrics" / "teacher.json", vdir / "runs" / "teacher")
+    sn = stages.train_supernet(p, data, vdir / "teacher.pt", vdir / "supernet.pt", vdir / "metrics" / "supernet.json",
+                               vdir / "runs" / "supernet")
+    wall = time.perf_counter() - t0
+    supernet, _ = stages.load_supernet(vdir / "supernet.pt")
+    ctx = stages.Context(p, data)
+    supernet = ctx.prepare_model(supernet).eval()
+    rows = []
+    from tailor.space import Arch
+
+    for a, r in sa.items():
+        e = ctx.evaluate_subnet(supernet, Arch.parse(a), splits=("test",))
+        rows.append({"arch": a, "madds": r["madds"], "standalone": r["test_sc_top1_mean"],
+                     "supernet": e["test"]["sc_top1_mean"]})
+    rows.sort(key=lambda r: r["madds"])
+    agree = rank_agreement([r["supernet"] for r in rows], [r["standalone"] for r in rows], seed=p.seed)
+    res = {"benchmark": "ranking", "name": args.name, "data_name": args.data_name,
+           "command": "python benchmarks/ranking.py " + " ".join(sys.argv[1:]),
+           "date": datetime.datetime.now().isoformat(timespec="seconds"), "code_version": code_version(),
+           "cpu_threads": torch.get_num_threads(), "quiet_at_start": quiet, "loadavg_start": load_start,
+           "loadavg_end": [round(v, 2) for v in os.getloadavg()],
+           "recipe": {"sampler": p.supernet.sampler, "subnets_per_step": p.supernet.subnets_per_step,
+                      "els": p.supernet.els, "curriculum": p.supernet.curriculum.model_dump(),
+                      "superclass_dropout": p.supernet.superclass_dropout, "kd_weight": p.supernet.kd_weight,
+                      "phases": [ph.model_dump() for ph in p.supernet.phases]},
+           "epochs": sn["epochs"], "train_seconds": sn["train_seconds"], "stage_seconds": round(wall, 1),
+           "subnets": {k: {"madds_m": v["madds_m"], "test_sc_top1_mean": v["test_sc_top1_mean"]}
+                       for k, v in sn["subnets"].items()},
+           "ranking": agree, "archs": rows, "params": p.model_dump(mode="json")}
+    atomic_write_json(RESULTS / f"ranking-{args.data_name}-{args.name}.json", res)
+    log(f"ranking {args.name}: tau {agree['kendall_tau']:.3f} {agree['kendall_tau_ci']}, "
+        f"rho {agree['spearman_rho']:.3f}; min/mid/max " +
+        " / ".join(f"{v['test_sc_top1_mean']:.4f}" for v in res["subnets"].values()))
+    return res
+
+
+def _pct(v: float) -> str:
+    return f"{100 * v:.1f}"
+
+
+def markdown(data_name: str) -> str:
+    sa_file = standalone_path(data_name)
+    sa = json.loads(sa_file.read_text())
+    runs = sorted((json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")),
+                  key=lambda r: r["date"])
+    srs = sorted(sa["results"].values(), key=lambda r: r["madds"])
+    lines = [
+        f"Stand-alone: {len(srs)} architectures ({srs[0]['madds'] / 1e6:.2f} to {srs[-1]['madds'] / 1e6:.2f} M MAdds) "
+        f"trained from scratch on every class with the stock anchors' recipe ({sa['recipe']['epochs']} epochs, "
+        f"lr {sa['recipe']['optim']['lr']}, batch {sa['recipe']['optim']['batch_size']}), test sc-top-1 "
+        f"{_pct(min(r['test_sc_top1_mean'] for r in srs))} to {_pct(max(r['test_sc_top1_mean'] for r in srs))}%; "
+        f"{sum(r['train_seconds'] for r in srs) / 60:.0f} min of training in all "
+        f"(`benchmarks/results/{sa_file.name}`).",
+        "",
+        "Each variant: the same preset, data and total epochs; supernet accuracy of each architecture "
+        "BN-recalibrated on the test split. tau / rho: Kendall / Spearman against stand-alone, 95% bootstrap CI "
+        "over architectures. min / mid / max: the space's uniform subnets, test sc-top-1 (%). Wall: "
+        "train-supernet's training seconds on this 2-core CPU.",
+        "",
+        "| variant | sampler | ELS | curriculum | q | Kendall tau [95% CI] | Spearman rho [95% CI] | min / mid / max | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        g, rc = r["ranking"], r["recipe"]
+        cur = "yes" if rc["curriculum"]["enabled"] else "no"
+        sampler = rc["sampler"] + (f" x{rc['subnets_per_step']}" if rc["sampler"] == "sandwich" else "")
+        lines.append(
+            f"| {r['name']} | {sampler} | {'yes' if rc['els'] else 'no'} | {cur} | {rc['superclass_dropout']} | "
+            f"{g['kendall_tau']:.3f} [{g['kendall_tau_ci'][0]:.2f}, {g['kendall_tau_ci'][1]:.2f}] | "
+            f"{g['spearman_rho']:.3f} [{g['spearman_rho_ci'][0]:.2f}, {g['spearman_rho_ci'][1]:.2f}] | "
+            + " / ".join(_pct(v["test_sc_top1_mean"]) for v in r["subnets"].values())
+            + f" | {r['train_seconds']:.0f} |")
+    lines += ["", f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>.json`."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("standalone", "variant"):
+        s = sub.add_parser(name)
+        s.add_argument("--preset", action="append", default=[], help="overlay(s) over params.yaml, in order")
+        s.add_argument("--work", required=True, help="data, checkpoints and models go here (resumable)")
+        s.add_argument("--data", default=None, help="an already prepared data dir (default: <work>/data)")
+        s.add_argument("--data-name", default="tin-sc10-cpu", help="names the results files")
+    sub.choices["standalone"].add_argument("--archs", type=int, default=20)
+    sub.choices["standalone"].add_argument("--epochs", type=int, default=None, help="default: the stock anchors' epochs")
+    v = sub.choices["variant"]
+    v.add_argument("--name", required=True)
+    v.add_argument("--quiet-load", type=float, default=1.0)
+    v.add_argument("--max-wait", type=float, default=600)
+    t = sub.add_parser("table")
+    t.add_argument("--data-name", default="tin-sc10-cpu")
+    args = ap.parse_args(argv)
+    if args.cmd == "table":
+        upsert_section(RESULTS_MD, f"Supernet ranking: {args.data_name}", markdown(args.data_name))
+        print(markdown(args.data_name))
+        return
+    from tailor.config import load_params
+
+    p = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset])
+    if args.cmd == "standalone":
+        cmd_standalone(args, p)
+    else:
+        cmd_variant(args, p)
+        upsert_section(RESULTS_MD, f"Supernet ranking: {args.data_name}", markdown(args.data_name))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""benchmarks/ranking.py end to end on the tiny overlay: stand-alone cache, one variant, the table;
+and the architecture spread it ranks."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import pytest
+from conftest import ROOT, TINY, tiny_params
+
+from tailor.space import SearchSpace
+
+
+@pytest.fixture()
+def ranking(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("ranking_bench", ROOT / "benchmarks" / "ranking.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(mod, "RESULTS_MD", tmp_path / "RESULTS.md")
+    return mod
+
+
+def test_selected_architectures_spread_over_the_cost_range(ranking):
+    p = tiny_params()
+    space = SearchSpace(p.space, p.data.image_size)
+    archs = ranking.select_archs(space, 6, 20, seed=0)
+    madds = [space.madds(a, 6) for a in archs]
+    assert len({str(a) for a in archs}) == 20 and madds == sorted(madds)
+    assert {space.min_arch, space.mid_arch, space.max_arch} <= set(archs)
+    gaps = [b - a for a, b in zip(madds, madds[1:])]
+    assert max(gaps) < 3 * (madds[-1] - madds[0]) / 19  # no stretch of the range left empty
+    assert archs == ranking.select_archs(space, 6, 20, seed=0)
+
+
+@pytest.mark.slow
+def test_standalone_cache_variant_and_table(ranking, tiny_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["ranking.py"])
+    common = ["--preset", str(TINY), "--work", str(tmp_path / "w"), "--data", str(tiny_run["data"]),
+              "--data-name", "tiny"]
+    ranking.main(["standalone", *common, "--archs", "5"])
+    sa = json.loads((tmp_path / "results" / "ranking-standalone-tiny.json").read_text())
+    assert len(sa["results"]) == 5
+    first = {k: v["train_seconds"] for k, v in sa["results"].items()}
+    ranking.main(["standalone", *common, "--archs", "5"])  # cached: nothing retrained
+    again = json.loads((tmp_path / "results" / "ranking-standalone-tiny.json").read_text())
+    assert {k: v["train_seconds"] for k, v in again["results"].items()} == first
+
+    ranking.main(["variant", *common, "--name", "base", "--quiet-load", "1000"])
+    res = json.loads((tmp_path / "results" / "ranking-tiny-base.json").read_text())
+    g = res["ranking"]
+    assert g["n"] == 5 and -1 <= g["kendall_tau"] <= 1
+    assert g["kendall_tau_ci"][0] <= g["kendall_tau"] <= g["kendall_tau_ci"][1]
+    assert [r["standalone"] for r in res["archs"]] == [sa["results"][r["arch"]]["test_sc_top1_mean"]
+                                                      for r in res["archs"]]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Supernet ranking: tiny" in md and "| base | sandwich x2 | no | no | 0.5 |" in md
