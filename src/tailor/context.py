@@ -15,7 +15,7 @@ from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.train import autocast, evaluate, resolve_device, split_by_superclass
-from tailor.utils import atomic_torch_save, code_version
+from tailor.utils import atomic_torch_save, code_version, load_checkpoint, load_state
 
 
 def provenance(p: Params, stage: str) -> dict:
@@ -86,10 +86,10 @@ def load_supernet(path: Path, device: torch.device | str = "cpu") -> tuple[Super
     """A SuperNet rebuilt from its checkpoint's own recorded space config."""
     from tailor.config import SpaceConfig
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "supernet", ("params", "image_size", "num_classes", "state_dict"))
     space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
     net = SuperNet(space, ck["num_classes"], els=any(k.startswith("els.") for k in ck["state_dict"]))
-    net.load_state_dict(ck["state_dict"])
+    load_state(net, ck["state_dict"], path, "supernet")
     return net.to(device), ck
 
 

@@ -18,6 +18,7 @@ from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.context import Context, _summary, load_supernet, provenance, save_supernet  # noqa: F401
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
+from tailor.utils import load_checkpoint, load_state
 from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 
@@ -122,10 +123,10 @@ def load_specialized(path: Path, device: torch.device | str = "cpu"):
     from tailor.config import SpaceConfig
     from tailor.nets import StaticNet
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "specialised model", ("params", "image_size", "arch", "classes", "state_dict"))
     space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
     net = StaticNet(space, Arch.parse(ck["arch"]), len(ck["classes"]))
-    net.load_state_dict(ck["state_dict"])
+    load_state(net, ck["state_dict"], path, "specialised model")
     return net.to(device).eval(), ck
 
 

@@ -31,6 +31,7 @@ from tailor.data import Batches
 from tailor.nets import count_madds
 from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, split_by_superclass,
                           warmup_cosine)
+from tailor.utils import load_checkpoint
 from tailor.utils import atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 BUILDERS = {"mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
@@ -150,7 +151,7 @@ def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, wo
                                          p.stock_epochs(specialist=True), work_dir, x_test)
     with atomic_dir(Path(out_dir)) as d:
         for name in [*models, *(s["name"] for s in specialists.values())]:
-            ck = torch.load(work_dir / name / "model.pt", map_location="cpu", weights_only=True)
+            ck = load_checkpoint(work_dir / name / "model.pt", "stock model")
             atomic_torch_save({**ck, **provenance(p, "train-stock")}, d / f"{name}.pt")
     metrics = {"epochs": p.stock_epochs(), "specialist_epochs": p.stock_epochs(specialist=True),
                "spine_epochs": p.spine_epochs, "device": str(ctx.device),

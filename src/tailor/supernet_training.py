@@ -25,6 +25,7 @@ from tailor.space import Arch, SearchSpace, se_channels
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.train import (autocast, fit, make_optimizer, masked_cross_entropy, masked_kd, superclass_keep_mask,
                           warmup_cosine)
+from tailor.utils import load_checkpoint, load_state
 from tailor.utils import atomic_torch_save, atomic_write_json, file_hash, fingerprint, log
 
 
@@ -163,7 +164,7 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
     for q in teacher.parameters():
         q.requires_grad_(False)
     model = SuperNet(ctx.space, ctx.num_classes, els=cfg.els)
-    missing, unexpected = model.load_state_dict(teacher.state_dict(), strict=False)
+    missing, unexpected = load_state(model, teacher.state_dict(), teacher_path, "teacher", strict=False)
     if unexpected or any(not k.startswith("els.") for k in missing):
         raise ValueError(f"{teacher_path}: not a teacher of this space (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]})")
@@ -207,12 +208,12 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
             growth.append({"phase": ph.name, "epoch": epoch, **info})
             log(f"curriculum: grew the supernet into phase {ph.name!r}: {info}")
         if prev_teacher["phase"] != i:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
+            ck = load_checkpoint(path, "curriculum teacher")
             if ck.get("fingerprint") != fp:
                 raise RuntimeError(f"{path}: the curriculum teacher of another configuration; delete {work_dir} "
                                    "to restart this run")
             net = StaticNet(ctx.space, Arch.parse(ck["arch"]), ctx.num_classes)
-            net.load_state_dict(ck["state_dict"])
+            load_state(net, ck["state_dict"], path, "curriculum teacher")
             prev_teacher.update(phase=i, net=ctx.prepare_model(net).eval().requires_grad_(False))
 
     class_sc = torch.tensor(ctx.meta.class_superclass, device=ctx.device)

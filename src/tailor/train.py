@@ -14,7 +14,7 @@ from torch import nn
 
 from tailor.config import OptimConfig, RuntimeConfig
 from tailor.data import Batches, Meta
-from tailor.utils import atomic_torch_save, log
+from tailor.utils import CheckpointError, atomic_torch_save, load_checkpoint, log
 
 
 def resolve_device(rt: RuntimeConfig) -> torch.device:
@@ -112,8 +112,17 @@ def fit(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, ep
     """
     result = FitResult()
     start = 0
+    state = None
     if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        try:
+            state = load_checkpoint(checkpoint, "resume checkpoint")
+        except CheckpointError as e:
+            # A kill mid-write cannot leave this (atomic rename), a full disk or a copy can: keep
+            # it for inspection, out of the way, and start over rather than never run again.
+            aside = checkpoint.with_name(checkpoint.name + f".corrupt-{int(time.time())}")
+            os.replace(checkpoint, aside)
+            log(f"{e}; set aside as {aside}, training from the start")
+    if state is not None:
         if state.get("fingerprint") == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

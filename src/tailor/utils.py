@@ -40,6 +40,47 @@ def atomic_torch_save(obj, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as one: corrupt, truncated, or not tensors and plain data."""
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint", keys: tuple[str, ...] = ()) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers only, so a crafted file
+    cannot run code; any failure, or a missing one of `keys`, is one CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle refusals, truncated zips and bad magic numbers all land here
+        msg = str(e)
+        if "GLOBAL" in msg:  # torch names the refused callable, e.g. 'posix.system'
+            why = "it holds Python objects other than tensors and plain data; refused without running them"
+        elif "central directory" in msg or "zip archive" in msg:
+            why = "truncated or corrupt (its zip archive is incomplete)"
+        else:
+            why = "corrupt, or not a file torch.save wrote"
+        raise CheckpointError(f"{what} {path}: not a readable tailor checkpoint: {why}") from None
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{what} {path}: not a tailor checkpoint (holds a {type(ck).__name__}, not a dict)")
+    missing = [k for k in keys if k not in ck]
+    if missing:
+        stage = ck.get("stage")
+        raise CheckpointError(f"{what} {path}: has no {', '.join(map(repr, missing))}"
+                              + (f" (it was written by {stage}, not the stage that makes a {what})" if stage else ""))
+    return ck
+
+
+def load_state(module: torch.nn.Module, state: dict, path: str | Path, what: str, strict: bool = True):
+    """module.load_state_dict, with a mismatch (another space or network) as one CheckpointError."""
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{what} {path}: its weights do not fit this network ({first[:160]}...); was it "
+                              "made with another search space or by another stage?") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp_beside(path)

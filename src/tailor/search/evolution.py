@@ -30,7 +30,7 @@ from tailor.cost import SlotCostModel
 from tailor.search.common import Setup, Snapper, crossover, mutate, sample_within, seeded_population
 from tailor.stats import kendall_tau
 from tailor.space import Arch, SearchSpace
-from tailor.utils import fingerprint, log
+from tailor.utils import fingerprint, load_checkpoint, log
 
 
 # ---------------------------------------------------------------- the accuracy predictor
@@ -158,7 +158,7 @@ def save_predictor(path, cfg: PredictorConfig, setup: Setup, per_seed: dict) -> 
 
 def load_predictor(path, setup: Setup, seed: int) -> tuple[Predictor, dict]:
     """The predictor fitted for `seed`, and its record (data, quality, timing, evaluations)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "accuracy predictor", ("superclasses", "encoding_size"))
     if ck["superclasses"] != setup.superclasses or ck["encoding_size"] != setup.space.encoding_size:
         raise ValueError(f"{path}: accuracy predictor built for other superclasses or another search space; "
                          f"re-run search-predictor")

@@ -44,7 +44,7 @@ from tailor.cost import SlotCostModel
 from tailor.search.common import Scenario, SearchError, Snapper
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import Gates
-from tailor.utils import log
+from tailor.utils import load_checkpoint, log
 
 
 class ArchGenerator(nn.Module):
@@ -429,7 +429,8 @@ def load_generator(path, device="cpu") -> tuple[ArchGenerator, dict, SearchSpace
     """A trained generator, the checkpoint, and the search space it generates for."""
     from tailor.config import SpaceConfig
 
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    ck = load_checkpoint(path, "architecture generator", ("params", "image_size", "config", "superclasses", "low",
+                                                          "high", "state_dict"))
     space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
     cfg = GeneratorConfig.model_validate(ck["config"])
     g = ArchGenerator(space, len(ck["superclasses"]), ck["low"], ck["high"], cfg.embed_dim, cfg.hidden, cfg.anchors,

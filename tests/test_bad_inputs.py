@@ -1,0 +1,125 @@
+"""Bad inputs through the CLI: one line naming the culprit, exit status 2, earlier outputs untouched;
+checkpoints never run code (weights_only); a corrupt resume checkpoint is set aside."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, TINY, tiny_params
+from test_train import cli_env, tailor_cmd
+
+
+class _Crafted:
+    """Unpickling this runs `touch <marker>`: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"state_dict": {}, "payload": _Crafted(marker)}, path)
+    return path
+
+
+def test_a_crafted_pickle_would_run_code_with_weights_only_false(tmp_path):
+    """The crafted file below is a real exploit: loading it the old way runs the command."""
+    marker = tmp_path / "ran"
+    f = crafted_checkpoint(tmp_path / "evil.pt", marker)
+    code = f"import torch; torch.load({str(f)!r}, weights_only=False)"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, timeout=120)
+    assert marker.exists()
+
+
+def run_cli(*args, cwd=None):
+    r = subprocess.run(tailor_cmd(*args), env=cli_env(), capture_output=True, text=True, timeout=300, cwd=cwd)
+    return r
+
+
+def assert_one_line_error(r, *culprits):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("tailor: error:")]
+    assert len(errors) == 1, r.stderr[-2000:]
+    for c in culprits:
+        assert str(c) in errors[0], (c, errors[0])
+    return errors[0]
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes()[:4096])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bad_files(tiny_run, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    other = tiny_params(space={"widths": [8, 12, 16, 20, 24]})
+    from tailor import stages
+
+    stages.train_teacher(other, tiny_run["data"], d / "other_teacher.pt", d / "m.json", d / "wt")
+    (d / "text.pt").write_text("not a checkpoint\n")
+    return {"marker": d / "ran", "crafted": crafted_checkpoint(d / "crafted.pt", d / "ran"),
+            "truncated": _truncated(tiny_run["supernet"], d / "truncated.pt"), "text": d / "text.pt",
+            "other_teacher": d / "other_teacher.pt"}
+
+
+# (name, stage, the bad file's key in bad_files, the flag it goes to, what the message must name)
+CASES = [
+    ("crafted supernet", "search-random", "crafted", "--supernet", "supernet"),
+    ("truncated supernet", "search-random", "truncated", "--supernet", "supernet"),
+    ("text file as supernet", "search-random", "text", "--supernet", "supernet"),
+    ("crafted teacher", "train-supernet", "crafted", "--teacher", "supernet"),
+    ("teacher of another space", "train-supernet", "other_teacher", "--teacher", "teacher"),
+    ("supernet as a retrained model", "export", "supernet", "--models", "'arch'"),
+    ("crafted retrained model", "export", "crafted", "--models", "specialised model"),
+]
+
+
+def _args(stage: str, flag: str, bad: Path, tiny_run, out: Path) -> list:
+    common = ["--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"]]
+    if stage == "search-random":
+        return [stage, *common, "--out", out / "random.json", flag, bad]
+    if stage == "train-supernet":
+        return [stage, *common, "--out", out / "s.pt", "--metrics", out / "s.json", "--work-dir", out / "w", flag, bad]
+    if stage == "export":
+        return [stage, *common, "--repo", out / "triton", "--onnx-dir", out / "onnx", "--metrics", out / "e.json",
+                flag, bad]
+    raise AssertionError(stage)
+
+
+@pytest.mark.parametrize("name,stage,key,flag,what", CASES, ids=[c[0] for c in CASES])
+def test_bad_checkpoint_is_one_line_naming_it(tiny_run, bad_files, tmp_path, name, stage, key, flag, what):
+    bad = tiny_run["supernet"] if key == "supernet" else bad_files[key]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+    r = run_cli(*_args(stage, flag, bad, tiny_run, out))
+    line = assert_one_line_error(r, bad, what)
+    if key == "crafted":
+        assert "refused without running them" in line
+    assert not bad_files["marker"].exists(), "loading a checkpoint ran code"
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"], "a failed stage wrote outputs"
+    assert (out / "earlier.txt").read_text() == "kept"
+
+
+def test_a_corrupt_resume_checkpoint_is_set_aside_and_training_restarts(tiny_run, tmp_path):
+    from tailor import stages
+
+    p = tiny_params()
+    work = tmp_path / "w"
+    work.mkdir()
+    _truncated(tiny_run["supernet"], work / "checkpoint.pt")
+    stages.train_teacher(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "t.json", work)
+    aside = [f for f in work.iterdir() if f.name.startswith("checkpoint.pt.corrupt-")]
+    assert len(aside) == 1 and aside[0].stat().st_size == 4096
+    # The run from scratch equals the session's uninterrupted one.
+    a = torch.load(tmp_path / "t.pt", weights_only=True)["state_dict"]
+    b = torch.load(tiny_run["teacher"], weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
