@@ -123,3 +123,67 @@ def test_a_corrupt_resume_checkpoint_is_set_aside_and_training_restarts(tiny_run
     a = torch.load(tmp_path / "t.pt", weights_only=True)["state_dict"]
     b = torch.load(tiny_run["teacher"], weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---------------------------------------------------------------- outputs tailor did not write
+def test_output_dirs_replace_only_what_tailor_wrote(tmp_path, monkeypatch):
+    from tailor.utils import OUTPUT_MARKER, OutputError, atomic_dir
+
+    monkeypatch.chdir(tmp_path)
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="did not write"):
+        with atomic_dir(user) as d:
+            (d / "x").write_text("new")
+    assert (user / "notes.txt").read_text() == "mine" and not (user / "x").exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    with pytest.raises(OutputError, match="is a file"):
+        with atomic_dir(a_file):
+            pass
+    for cwd_like in (tmp_path, Path(".")):
+        with pytest.raises(OutputError, match="working directory"):
+            with atomic_dir(cwd_like, force=True):
+                pass
+    # What tailor wrote (the marker) and empty directories are replaced; --force replaces the rest.
+    ours = tmp_path / "ours"
+    for content in ("one", "two"):
+        with atomic_dir(ours) as d:
+            (d / "f").write_text(content)
+        assert (ours / "f").read_text() == content and (ours / OUTPUT_MARKER).exists()
+    (tmp_path / "empty").mkdir()
+    with atomic_dir(tmp_path / "empty") as d:
+        (d / "f").write_text("x")
+    with atomic_dir(user, force=True) as d:
+        (d / "f").write_text("x")
+    assert sorted(p.name for p in user.iterdir()) == [OUTPUT_MARKER, "f"]
+
+
+def test_a_killed_runs_temporary_dir_is_removed_at_the_next_start(tmp_path):
+    from tailor.utils import atomic_dir
+
+    stale = tmp_path / ".prepared.abc123.tmp"
+    stale.mkdir()
+    (stale / "big.npy").write_bytes(b"0" * 1000)
+    other = tmp_path / ".other.abc.tmp"
+    other.mkdir()
+    with atomic_dir(tmp_path / "prepared") as d:
+        (d / "f").write_text("x")
+    assert not stale.exists() and other.exists()  # only this output's leftovers
+
+
+def test_export_refuses_a_user_directory_before_any_work(tiny_run, tmp_path):
+    user = tmp_path / "repo"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    r = run_cli("export", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
+                "--models", tiny_run["supernet"], "--repo", user, "--onnx-dir", tmp_path / "onnx",
+                "--metrics", tmp_path / "e.json")
+    assert_one_line_error(r, user, "--force")
+    assert (user / "keep.txt").read_text() == "mine" and not (tmp_path / "e.json").exists()
+    r = run_cli("export", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
+                "--models", tiny_run["supernet"], "--repo", tmp_path / "r2", "--onnx-dir", ".",
+                "--metrics", tmp_path / "e.json", cwd=tmp_path)
+    assert_one_line_error(r, "working directory")
+    assert (user / "keep.txt").exists()

@@ -125,5 +125,5 @@ def test_prepare_data_command_writes_outputs(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "m" / "data.json").read_text())
     assert m["classes"] == 6 and m["superclasses"] == 3 and m["source"] == "synthetic"
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["meta.json", "test", "train", "val"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [".tailor-output", "meta.json", "test", "train", "val"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "m"]  # no temporary dirs left

@@ -11,6 +11,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Tailor specialised networks from one supernet. Each command is one pipeline stage.")
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing output directory even if tailor did "
+                                                         "not write it (it is replaced whole)")]
 PresetOpt = Annotated[Optional[list[Path]], typer.Option("--preset", help="overlay YAML merged over params (repeatable)")]
 
 
@@ -22,11 +24,11 @@ def _params(params: Path, preset: Optional[list[Path]]):
 
 @app.command("prepare-data")
 def prepare_data(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
-                 out: Path = Path("data/prepared"), metrics: Path = Path("metrics/data.json")):
+                 out: Path = Path("data/prepared"), metrics: Path = Path("metrics/data.json"), force: ForceOpt = False):
     """Build train/val/test splits and the class/superclass tables from the configured source."""
     from tailor import stages
 
-    stages.prepare_data(_params(params, preset), out, metrics)
+    stages.prepare_data(_params(params, preset), out, metrics, force)
 
 
 @app.command("train-teacher")
@@ -53,11 +55,12 @@ def train_supernet(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = 
 @app.command("train-stock")
 def train_stock(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                 data: Path = Path("data/prepared"), out: Path = Path("models/stock"),
-                metrics: Path = Path("metrics/stock.json"), work_dir: Path = Path("runs/train-stock")):
+                metrics: Path = Path("metrics/stock.json"), work_dir: Path = Path("runs/train-stock"),
+                force: ForceOpt = False):
     """Train the stock torchvision MobileNetV3 anchors of stock.models (and specialists) by the same loop."""
     from tailor import stages
 
-    stages.train_stock(_params(params, preset), data, out, metrics, work_dir)
+    stages.train_stock(_params(params, preset), data, out, metrics, work_dir, force)
 
 
 @app.command("profile-latency")
@@ -171,8 +174,11 @@ def export(models: Annotated[Optional[list[Path]], typer.Option(
            repo: Annotated[str, typer.Option(help="Triton model repository: a directory or s3://bucket/prefix "
                                                   "(endpoint and credentials from AWS_* variables)")] = "triton",
            onnx_dir: Annotated[Optional[Path], typer.Option(help="also copy <model>.onnx files here")] = Path("onnx"),
-           metrics: Path = Path("metrics/export.json")):
-    """ONNX export (parity-checked) and the Triton model repository of the retrained networks."""
+           metrics: Path = Path("metrics/export.json"), force: ForceOpt = False):
+    """ONNX export (parity-checked) and the Triton model repository of the retrained networks.
+
+    A local --repo or --onnx-dir is replaced whole; one holding files tailor did not write is
+    refused unless --force."""
     from tailor import stages
     from tailor.export import S3Error
 
@@ -183,7 +189,7 @@ def export(models: Annotated[Optional[list[Path]], typer.Option(
         models = [Path(f"retrain/{stages.scenario_id(sc, b)}/model.pt")
                   for sc, b in stages.retrain_scenarios(p, Meta.load(data))]
     try:
-        stages.export(p, models, data, repo, metrics, onnx_dir)
+        stages.export(p, models, data, repo, metrics, onnx_dir, force)
     except S3Error as e:
         print(f"tailor: error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None

@@ -19,14 +19,16 @@ from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.context import Context, _summary, load_supernet, provenance, save_supernet  # noqa: F401
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
 from tailor.utils import load_checkpoint, load_state
+from tailor.utils import check_replaceable
 from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 
 # ---------------------------------------------------------------- prepare-data
-def prepare_data(p: Params, out_dir: Path, metrics_path: Path) -> dict:
+def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = False) -> dict:
     t0 = time.perf_counter()
+    check_replaceable(Path(out_dir), force)  # before minutes of decoding, not after
     meta, splits = datamod.build(p.data, p.seed)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, force) as tmp:
         datamod.write(tmp, meta, splits, provenance(p, "prepare-data"))
     metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
                **{f"{k}_images": len(v[1]) for k, v in splits.items()}, "image_size": meta.image_size,
@@ -78,11 +80,12 @@ def train_supernet(p: Params, data_dir: Path, teacher_path: Path, out_path: Path
 
 
 # ---------------------------------------------------------------- train-stock
-def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path) -> dict:
+def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path,
+                force: bool = False) -> dict:
     """Stock torchvision MobileNetV3 anchors (and per-superclass specialists) by the same loop and data."""
     from tailor.stock import train_stock as run
 
-    return run(p, data_dir, out_dir, metrics_path, work_dir)
+    return run(p, data_dir, out_dir, metrics_path, work_dir, force)
 
 
 # ---------------------------------------------------------------- retrain
@@ -352,7 +355,7 @@ def _ort_latency(sess, images: np.ndarray, cfg) -> dict:
 
 
 def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | Path, metrics_path: Path,
-           onnx_dir: Path | None = None) -> dict:
+           onnx_dir: Path | None = None, force: bool = False) -> dict:
     """Retrained scenario checkpoints -> ONNX + a Triton model repository (local dir or s3://bucket/prefix).
 
     Per model: ONNX with provenance metadata, parity against PyTorch on real test images of its
@@ -360,7 +363,8 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
     superclass test split and CPU latency; then <repo>/<model>/{config.pbtxt,1/model.onnx,labels.txt}
     with the model named after its scenario. The repository appears whole or not at all: built in
     a temporary directory and renamed into place (locally) or uploaded as a complete-or-absent
-    prefix (S3). onnx_dir, when given, gets <model>.onnx copies.
+    prefix (S3). onnx_dir, when given, gets <model>.onnx copies. A local repo or onnx_dir that
+    holds files tailor did not write is refused unless `force` (utils.check_replaceable).
     """
     import json
     import shutil
@@ -380,6 +384,10 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
         from tailor.export import parse_s3_url
 
         parse_s3_url(str(repo_out))  # a bad URL fails before minutes of work
+    else:
+        check_replaceable(Path(repo_out), force)
+    if onnx_dir is not None:
+        check_replaceable(Path(onnx_dir), force)
     t0 = time.perf_counter()
     meta = Meta.load(data_dir)
     x_test, y_test = datamod.load_split(data_dir, "test")
@@ -443,10 +451,10 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
             write_repo(Path(tmp) / "repo")
             upload_repository(Path(tmp) / "repo", str(repo_out), s3_client(cfg.s3), overwrite=True)
         else:
-            with atomic_dir(Path(repo_out)) as d:
+            with atomic_dir(Path(repo_out), force) as d:
                 write_repo(d)
         if onnx_dir is not None:
-            with atomic_dir(Path(onnx_dir)) as d:
+            with atomic_dir(Path(onnx_dir), force) as d:
                 for name in models:
                     shutil.copyfile(staged_onnx / f"{name}.onnx", d / f"{name}.onnx")
     metrics.update(passed=True, seconds=round(time.perf_counter() - t0, 2))

@@ -31,7 +31,7 @@ from tailor.data import Batches
 from tailor.nets import count_madds
 from tailor.train import (autocast, evaluate, fit, make_optimizer, masked_cross_entropy, split_by_superclass,
                           warmup_cosine)
-from tailor.utils import load_checkpoint
+from tailor.utils import check_replaceable, load_checkpoint
 from tailor.utils import atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 BUILDERS = {"mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
@@ -130,8 +130,10 @@ def _train_one(p: Params, ctx, name: str, m: StockModel, classes: list[int] | No
     return res
 
 
-def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path) -> dict:
+def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, work_dir: Path,
+                force: bool = False) -> dict:
     """Every stock generalist of stock.models, and a specialist per superclass (stock.specialist)."""
+    check_replaceable(Path(out_dir), force)
     from tailor.context import Context, provenance
     from tailor.utils import atomic_dir
 
@@ -149,7 +151,7 @@ def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, wo
             name = f"specialist_{name_of(cfg.specialist)}_{sc}"
             specialists[sc] = _train_one(p, ctx, name, cfg.specialist, ctx.meta.classes_of(i),
                                          p.stock_epochs(specialist=True), work_dir, x_test)
-    with atomic_dir(Path(out_dir)) as d:
+    with atomic_dir(Path(out_dir), force) as d:
         for name in [*models, *(s["name"] for s in specialists.values())]:
             ck = load_checkpoint(work_dir / name / "model.pt", "stock model")
             atomic_torch_save({**ck, **provenance(p, "train-stock")}, d / f"{name}.pt")

@@ -95,15 +95,54 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
 
 
+OUTPUT_MARKER = ".tailor-output"
+
+
+class OutputError(ValueError):
+    """An output path that tailor must not replace."""
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def check_replaceable(path: Path, force: bool = False) -> None:
+    """Raise OutputError unless `path` is absent, an empty directory, or a directory tailor wrote."""
+    here = Path.cwd().resolve()
+    target = path.resolve()
+    if target == here or target in here.parents:
+        raise OutputError(f"output {path}: is the working directory or one of its parents; choose a new directory")
+    if not path.exists() or force:
+        return
+    if not path.is_dir():
+        raise OutputError(f"output {path}: exists and is a file, not a directory tailor wrote; remove it, choose "
+                          "another path, or pass --force to replace it")
+    if any(path.iterdir()) and not (path / OUTPUT_MARKER).exists():
+        raise OutputError(f"output {path}: a non-empty directory that tailor did not write (no {OUTPUT_MARKER}); "
+                          "it would be replaced whole. Remove it, choose another path, or pass --force")
+
+
 @contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
+def atomic_dir(path: str | Path, force: bool = False):
+    """Yield a temporary directory beside `path`; on success it replaces `path` whole.
+
+    Only what tailor wrote is replaced: a directory produced here holds an OUTPUT_MARKER file, and
+    an existing `path` that is a file, or a non-empty directory without the marker, is refused
+    (before any work) unless `force`. The working directory and its parents are never replaced.
+    Temporary directories a killed run left beside `path` are removed first.
+    """
     path = Path(path)
+    check_replaceable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared artifact
     try:
         yield tmp
+        (tmp / OUTPUT_MARKER).write_text("written by tailor: a later run may replace this directory whole\n")
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
