@@ -187,3 +187,20 @@ def test_export_refuses_a_user_directory_before_any_work(tiny_run, tmp_path):
                 "--metrics", tmp_path / "e.json", cwd=tmp_path)
     assert_one_line_error(r, "working directory")
     assert (user / "keep.txt").exists()
+
+
+def test_a_superclass_of_one_class_is_rejected_by_name():
+    from tailor.data import DataError, check_superclass_map
+
+    with pytest.raises(DataError, match="superclass 'solo' has one class \\('c'\\)"):
+        check_superclass_map({"pair": ["a", "b"], "solo": ["c"]}, ["a", "b", "c"], "map.yaml")
+
+
+@pytest.mark.parametrize("budget", ["nan", "-5", "0", "inf"])
+def test_retrain_rejects_a_budget_that_is_not_one(tiny_run, tmp_path, budget):
+    r = run_cli("retrain", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
+                "--supernet", tiny_run["supernet"], "--superclass", "sc0", "--budget", budget,
+                "--arch", tiny_params().retrain.scenarios[0].arch, "--out", tmp_path / "m.pt",
+                "--metrics", tmp_path / "m.json", "--work-dir", tmp_path / "w")
+    assert r.returncode == 2 and "--budget" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists()

@@ -1,6 +1,7 @@
 """`tailor <stage>`: one command per pipeline stage, each a thin call into tailor.stages."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -159,6 +160,8 @@ def retrain(superclass: Annotated[str, typer.Option(help="the scenario's supercl
     from tailor.space import Arch
 
     p = _params(params, preset)
+    if not math.isfinite(budget) or budget <= 0:
+        raise typer.BadParameter(f"{budget} is not a budget: it must be a finite number > 0", param_hint="--budget")
     sid = stages.scenario_id(superclass, budget)
     chosen = Arch.parse(arch) if arch else stages.choose_arch(p, search_dir, superclass, budget)
     stages.retrain(p, data, supernet, superclass, budget, chosen, out or Path(f"retrain/{sid}/model.pt"),

@@ -68,6 +68,9 @@ def check_superclass_map(mapping: object, classes: list[str], source: str) -> di
         if not isinstance(members, list):
             problems.append(f"superclass {sc!r}: expected a list of classes, got {type(members).__name__}")
             continue
+        if len(members) < 2:
+            # One class: superclass-restricted top-1 is a trivial 100% that would lift every mean.
+            problems.append(f"superclass {sc!r} has one class ({members[0]!r}); a superclass needs >= 2")
         for c in members:
             c = str(c)
             if c in owner:
