@@ -230,3 +230,45 @@ def test_each_switch_trains_and_resumes_after_a_stop_like_the_default(tiny_run, 
         assert (tmp_path / "ws" / "curriculum-teacher-1.pt").exists()
     if name in ("spos", "fairnas"):
         assert m["sampler"] == name and all(h["kd"] == 0 for h in m["history"])
+
+
+# ---------------------------------------------------------------- the loss applies what params say
+def _train(tiny_run, tmp_path, name, monkeypatch=None, **supernet):
+    from tailor import supernet_training
+
+    p = tiny_params(supernet={"phases": [{"name": "all", "epochs": 1, "lr": 0.05, "kernels": [3, 5, 7],
+                                          "depths": [2, 3, 4], "expands": [3, 4, 6]}], **supernet})
+    m = supernet_training.train_supernet(p, tiny_run["data"], tiny_run["teacher"], tmp_path / f"{name}.pt",
+                                         tmp_path / f"{name}.json", tmp_path / f"w{name}")
+    return m, torch.load(tmp_path / f"{name}.pt", weights_only=True)["state_dict"]
+
+
+def _differ(a, b) -> bool:
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_superclass_dropout_is_applied_in_training(tiny_run, tmp_path, monkeypatch):
+    from tailor import supernet_training
+
+    seen = []
+    real = supernet_training.masked_cross_entropy
+
+    def ce(logits, y, keep, smoothing=0.0):
+        seen.append(keep.clone())
+        return real(logits, y, keep, smoothing)
+
+    monkeypatch.setattr(supernet_training, "masked_cross_entropy", ce)
+    _, with_q = _train(tiny_run, tmp_path, "q", superclass_dropout=0.9)
+    dropped = 1 - torch.cat(seen).float().mean().item()
+    # 3 superclasses of 2 classes: each sample drops the 4 other classes with probability 0.9.
+    assert abs(dropped - 0.9 * 4 / 6) < 0.08
+    monkeypatch.undo()
+    _, without = _train(tiny_run, tmp_path, "q0", superclass_dropout=0.0)
+    assert _differ(with_q, without)
+
+
+def test_teacher_distillation_is_in_the_loss(tiny_run, tmp_path):
+    m1, kd1 = _train(tiny_run, tmp_path, "kd1", kd_weight=1.0)
+    _, kd0 = _train(tiny_run, tmp_path, "kd0", kd_weight=0.0)
+    assert all(h["kd"] > 0 for h in m1["history"])
+    assert _differ(kd1, kd0), "kd_weight changed nothing: the KD term is not in the loss"
