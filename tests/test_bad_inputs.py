@@ -204,3 +204,27 @@ def test_retrain_rejects_a_budget_that_is_not_one(tiny_run, tmp_path, budget):
                 "--metrics", tmp_path / "m.json", "--work-dir", tmp_path / "w")
     assert r.returncode == 2 and "--budget" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_retrain_scenarios_outside_the_search_grid_fail_when_params_load():
+    from tailor.config import ParamsError
+
+    with pytest.raises(ParamsError, match=r"retrain.scenarios\[0\].budget 0.3 is not one of search.budgets.values"):
+        tiny_params(retrain={"scenarios": [{"superclass": "sc0", "budget": 0.3, "arch": None}]})
+    with pytest.raises(ParamsError, match="retrain.scenarios.0.budget: Input should be a finite number"):
+        tiny_params(retrain={"scenarios": [{"superclass": "sc0", "budget": float("nan"), "arch": None}]})
+    # With fraction budgets the fraction is the spelling; an explicit arch needs no grid entry.
+    tiny_params(search={"budgets": {"kind": "fraction", "values": [0.3, 0.7]}},
+                retrain={"scenarios": [{"superclass": "sc0", "budget": 0.3, "arch": None}]})
+    tiny_params(retrain={"scenarios": [{"superclass": "sc0", "budget": 123, "arch": "k3e3.k3e3_k3e3.k3e3_k3e3.k3e3_"
+                                        "k3e3.k3e3_k3e3.k3e3"}]})
+
+
+def test_prepare_data_rejects_superclass_names_the_data_lacks(tmp_path):
+    from tailor import stages
+    from tailor.data import DataError
+
+    p = tiny_params(retrain={"scenarios": [{"superclass": "dogs", "budget": 300000, "arch": None}]})
+    with pytest.raises(DataError, match=r"retrain.scenarios\[0\].superclass 'dogs': not a superclass of the data"):
+        stages.prepare_data(p, tmp_path / "d", tmp_path / "m.json")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "m.json").exists()

@@ -9,6 +9,7 @@ dvc.yaml do not slow these tests down.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -225,3 +226,26 @@ def test_dvc_plots_show_renders_the_reports_plot_data(tiny_run, tmp_path):
     assert {"reports/plots/training/teacher.json", "reports/plots/training/supernet.json"} <= set(curves), sorted(shown)
     r = dvc(repo, "plots", "show", "-o", tmp_path / "html")
     assert (tmp_path / "html" / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_fraction_budgets_run_through_retrain_and_export(reproduced, tmp_path):
+    """search.budgets as fractions, retrain.scenarios spelt the same way: dvc.yaml's foreach paths
+    (retrain/sc0__0.3/) are the ones export looks for."""
+    repo = copy_repo(reproduced["repo"], tmp_path / "repo")
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["search"]["budgets"] = {"kind": "fraction", "values": [0.3, 0.7]}
+    raw["retrain"]["scenarios"] = [{"superclass": "sc0", "budget": 0.3, "arch": None}]
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    r = dvc(repo, "repro", "export", timeout=1200)
+    assert "retrain@0" in ran(r) and "export" in ran(r)
+    assert (repo / "retrain" / "sc0__0.3" / "model.pt").is_file()
+    m = json.loads((repo / "metrics" / "export.json").read_text())
+    assert m["passed"] and len(m["models"]) == 1
+    res = json.loads((repo / "search" / "results.json").read_text())
+    lo, hi = res["cost"]["low"], res["cost"]["high"]
+    arch = json.loads((repo / "metrics" / "retrain" / "sc0__0.3.json").read_text())["arch"]
+    first = res["seeds"][0]
+    pick = [row for row in res["methods"]["generator"]["rows"] if row["seed"] == first and row["superclass"] == "sc0"
+            and abs(row["budget"] - (lo + 0.3 * (hi - lo))) < 1e-6 * hi]
+    assert [row["arch"] for row in pick] == [arch]  # the search's pick at the resolved budget

@@ -197,6 +197,57 @@ def test_snapper_lands_in_the_window(default_space):
     assert snap(sp.min_arch, low) == sp.min_arch
 
 
+def _neighbours(space, arch):
+    """Every architecture one primitive away, as the snapper's docstring defines its moves (kernel or
+    expand one level, the last block dropped, a block appended that repeats the last or is the
+    smallest), built on Arch values independently of the snapper's index tables."""
+    c = space.cfg
+    ks, es = list(c.kernels), list(c.expands)
+    out = []
+    for i, unit in enumerate(arch.units):
+        def with_unit(u):
+            return Arch(arch.units[:i] + (tuple(u),) + arch.units[i + 1:])
+        for j, (k, e) in enumerate(unit):
+            for dk in (-1, 1):
+                if 0 <= ks.index(k) + dk < len(ks):
+                    out.append(with_unit(unit[:j] + ((ks[ks.index(k) + dk], e),) + unit[j + 1:]))
+            for de in (-1, 1):
+                if 0 <= es.index(e) + de < len(es):
+                    out.append(with_unit(unit[:j] + ((k, es[es.index(e) + de]),) + unit[j + 1:]))
+        if len(unit) > min(c.depths):
+            out.append(with_unit(unit[:-1]))
+        if len(unit) < max(c.depths):
+            out += [with_unit(unit + (unit[-1],)), with_unit(unit + ((ks[0], es[0]),))]
+    return out
+
+
+def test_snapper_takes_the_smallest_cut_and_the_largest_raise(default_space):
+    """Over budget, the cut landing highest in the window; under it, the largest raise within B."""
+    sp = default_space
+    cost = madds_cost_model(sp, 32)
+    snap = Snapper(sp, cost, 0.5)  # a wide window: many single moves land inside it
+    rng = random.Random(3)
+    up = 0
+    for _ in range(30):
+        a = sp.sample(rng)
+        c0 = cost.cost(a)
+        nb = [(cost.cost(n), n) for n in _neighbours(sp, a)]
+        cuts = [(c, n) for c, n in nb if c < c0]
+        raises = [(c, n) for c, n in nb if c > c0]
+        # Down: B is the smallest cut's cost, so every cut lands in [B/2, B] or below; the snapper
+        # must take the highest one (cost exactly B), not merely some cut inside the window.
+        b = max(c for c, _ in cuts)
+        got = snap(a, b)
+        assert cost.cost(got) == pytest.approx(b) and got in {n for c, n in cuts if c == pytest.approx(b)}
+        # Up: B is the largest raise's cost and the window [B/2, B] starts above a's cost.
+        if raises:
+            up += 1
+            b = max(c for c, _ in raises)
+            got = Snapper(sp, cost, 1 - (c0 + 1) / b)(a, b)  # lo just above c0: one raise is needed
+            assert cost.cost(got) == pytest.approx(b) and got in {n for c, n in raises if c == pytest.approx(b)}
+    assert up >= 25
+
+
 def test_snapper_handles_a_non_monotone_table(space):
     """A latency table need not grow with kernel or expand: snapping still meets every budget."""
     g = torch.Generator().manual_seed(0)

@@ -176,7 +176,9 @@ class RetrainScenario(Strict):
     # superclass at this budget" without naming a dataset's superclasses. dvc.yaml's foreach needs
     # named superclasses; tailor.stages.retrain_scenarios expands null for KFP and the benchmarks.
     superclass: str | None
-    budget: float = Field(gt=0)  # in the search's cost unit (see search.cost)
+    # In the search's cost unit (search.cost), spelt as search.budgets spells it: a fraction of the
+    # space's cost range when search.budgets.kind is 'fraction'.
+    budget: float = Field(gt=0, allow_inf_nan=False)
     # An explicit architecture string; null takes the one the search chose for this scenario.
     arch: str | None
 
@@ -450,6 +452,18 @@ class Params(Strict):
         if self.supernet.kd_source == "inplace" and self.supernet.kd_weight > 0 and self.supernet.subnets_per_step < 2:
             raise ValueError("supernet.kd_source 'inplace' needs supernet.subnets_per_step >= 2: with one subnet "
                              "per step the largest subnet has no one to teach")
+        grid = self.search.budgets
+        for i, s in enumerate(self.retrain.scenarios):
+            # Without an explicit arch a scenario takes the search's pick, so it must be in the grid,
+            # spelt as search.budgets spells it (fractions when the search uses fractions).
+            if s.arch is None and not any(abs(s.budget - v) <= 1e-9 * max(1.0, abs(v)) for v in grid.values):
+                raise ValueError(f"retrain.scenarios[{i}].budget {s.budget:g} is not one of search.budgets.values "
+                                 f"{grid.values} (kind {grid.kind!r}), so the search has no pick for it; use one "
+                                 "of those values or give the scenario an arch")
+            if (s.arch is None and s.superclass is not None and self.search.superclasses
+                    and s.superclass not in self.search.superclasses):
+                raise ValueError(f"retrain.scenarios[{i}].superclass {s.superclass!r} is not in search.superclasses "
+                                 f"{self.search.superclasses}")
         sn = self.supernet
         if sn.kd_source == "inplace" and sn.kd_weight > 0 and sn.sampler != "sandwich":
             raise ValueError(f"supernet.kd_source 'inplace' needs supernet.sampler 'sandwich' (got {sn.sampler!r}): "

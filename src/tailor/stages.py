@@ -28,6 +28,7 @@ def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = Fal
     t0 = time.perf_counter()
     check_replaceable(Path(out_dir), force)  # before minutes of decoding, not after
     meta, splits = datamod.build(p.data, p.seed)
+    _check_superclass_names(p, meta)
     with atomic_dir(out_dir, force) as tmp:
         datamod.write(tmp, meta, splits, provenance(p, "prepare-data"))
     metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
@@ -36,6 +37,17 @@ def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = Fal
     atomic_write_json(metrics_path, metrics)
     log(f"prepare-data: {metrics}")
     return metrics
+
+
+def _check_superclass_names(p: Params, meta: Meta) -> None:
+    """Superclasses that params name must be the data's: checked by the first stage, not the last."""
+    named = [("search.superclasses", s) for s in (p.search.superclasses or [])]
+    named += [(f"retrain.scenarios[{i}].superclass", s.superclass) for i, s in enumerate(p.retrain.scenarios)
+              if s.superclass is not None]
+    bad = [f"{where} {name!r}" for where, name in named if name not in meta.superclasses]
+    if bad:
+        raise datamod.DataError(f"{', '.join(bad)}: not a superclass of the data ({p.data.source}: "
+                                f"{', '.join(meta.superclasses)})")
 
 
 # ---------------------------------------------------------------- train-teacher
@@ -91,9 +103,10 @@ def train_stock(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path, wo
 # ---------------------------------------------------------------- retrain
 def scenario_id(superclass: str, budget: float) -> str:
     """A filesystem-safe key for a (superclass, budget) scenario, e.g. 'sc0__4000000', 'sc1__2p5'."""
-    # Fixed-point, never an exponent: `:g` made 4000000 '4e06', while dvc.yaml's foreach spells the
-    # same scenario's paths ${item.superclass}__${item.budget} = 'sc0__4000000'.
-    return f"{superclass}__" + f"{float(budget):.6f}".rstrip("0").rstrip(".").replace(".", "p")
+    # Spelt as dvc.yaml's foreach spells the same scenario's paths, ${item.superclass}__${item.budget}:
+    # the YAML value's str, e.g. 'sc0__4000000' (an integral float without '.0'), 'dog__0.3'.
+    b = float(budget)
+    return f"{superclass}__" + (str(int(b)) if b.is_integer() and abs(b) < 1e15 else repr(b))
 
 
 def retrain_scenarios(p: Params, meta: Meta) -> list[tuple[str, float]]:
@@ -288,10 +301,12 @@ def choose_arch(p: Params, search_dir: Path, superclass: str, budget: float) -> 
     from tailor.search.common import SearchError
     from tailor.search.run import find_arch
 
-    unit = json.loads(results.read_text())["cost"]["unit"]
-    if unit != budget_unit(p):
-        raise SearchError(f"{results}: budgets are in {unit}, but retrain.scenarios budgets are in "
+    cost = json.loads(results.read_text())["cost"]
+    if cost["unit"] != budget_unit(p):
+        raise SearchError(f"{results}: budgets are in {cost['unit']}, but retrain.scenarios budgets are in "
                           f"{budget_unit(p)} (search.cost.kind {p.search.cost.kind!r})")
+    if p.search.budgets.kind == "fraction":  # retrain budgets are fractions too: resolve as the search did
+        budget = cost["low"] + budget * (cost["high"] - cost["low"])
     return Arch.parse(find_arch(results, p.retrain.method, superclass, budget))
 
 
