@@ -89,6 +89,41 @@ def test_parity_detects_a_different_model(onnx_file):
     assert parity(onnx_file, other, images(4)) > 1e-3
 
 
+class _OneLogitShifted(torch.nn.Module):
+    """The model with one logit of one image moved by `delta`: a single-entry disagreement."""
+
+    def __init__(self, base, delta):
+        super().__init__()
+        self.base, self.delta = base, delta
+
+    def forward(self, x):
+        y = self.base(x).clone()
+        y[-1, 0] += self.delta
+        return y
+
+
+@pytest.mark.parametrize("delta", [2e-4, 5e-3])
+def test_parity_is_the_largest_single_disagreement(onnx_file, model, delta):
+    """Parity is a max over every logit and probability: one entry off by delta, out of 8 x classes,
+    must show as >= delta (a mean would hide it), and probabilities count on their own."""
+    got = parity(onnx_file, _OneLogitShifted(model, delta), images(8))
+    assert delta * 0.9 <= got <= delta * 1.1 + 1e-5
+
+
+def test_parity_counts_probabilities_on_their_own(onnx_file, model, monkeypatch):
+    from tailor.export import onnx_export
+
+    class ProbsOff(onnx_export.UInt8Classifier):
+        def forward(self, images):
+            logits, probs = super().forward(images)
+            bump = torch.zeros_like(probs)
+            bump[0, 0] = 1e-3
+            return logits, probs + bump
+
+    monkeypatch.setattr(onnx_export, "UInt8Classifier", ProbsOff)
+    assert parity(onnx_file, model, images(4)) >= 0.9e-3  # logits agree exactly; one probability is off
+
+
 def test_export_restores_training_mode_and_is_atomic(tmp_path):
     model = tiny_cnn().train()
     export_onnx(model, tmp_path / "ok.onnx", 32, MEAN, STD)
