@@ -239,3 +239,26 @@ def test_tiny_profile_cuda(p, space):
     lut = latency.profile(p.latency, "cuda-torch-bf16", space, NUM_CLASSES, progress=lambda m: None)
     assert lut["machine"]["gpu"] and lut["protocol"]["timer"] == "cuda events"
     assert all(e["ms"] > 0 for e in lut["entries"].values())
+
+
+def test_calibration_is_fitted_on_the_calibration_networks_only(p, space, monkeypatch):
+    """The headline held-out error is honest only if the held-out nets never reach the fit."""
+    seen = []
+    real = latency.fit_calibration
+
+    def spy(method, terms, measured):
+        seen.append((list(terms), list(measured)))
+        return real(method, terms, measured)
+
+    monkeypatch.setattr(latency, "fit_calibration", spy)
+    lut = latency.profile(p.latency, "cpu-torch", space, NUM_CLASSES, progress=lambda m: None)
+    cal = lut["networks"]["calibration"]
+    held = lut["networks"]["held_out"]
+    assert not {r["arch"] for r in cal} & {r["arch"] for r in held}
+    # The DAG's fit (the first), then the validation's comparison fits: calibration nets only, always.
+    terms, measured = seen[0]
+    assert measured == [r["measured_ms"] for r in cal]
+    assert terms == [latency.raw_terms(lut, space, Arch.parse(r["arch"])) for r in cal]
+    held_terms = [latency.raw_terms(lut, space, Arch.parse(r["arch"])) for r in held]
+    for terms, _ in seen:
+        assert len(terms) == len(cal) and not [t for t in terms if t in held_terms]
