@@ -228,3 +228,15 @@ def test_prepare_data_rejects_superclass_names_the_data_lacks(tmp_path):
     with pytest.raises(DataError, match=r"retrain.scenarios\[0\].superclass 'dogs': not a superclass of the data"):
         stages.prepare_data(p, tmp_path / "d", tmp_path / "m.json")
     assert not (tmp_path / "d").exists() and not (tmp_path / "m.json").exists()
+
+
+def test_a_bad_overlay_key_is_blamed_on_the_overlay(tmp_path):
+    from tailor.config import ParamsError, load_params
+
+    ov = tmp_path / "mine.yaml"
+    ov.write_text("supernet:\n  colour: red\n  sampler: bogus\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(ROOT / "params.yaml", [TINY, ov])
+    msg = str(e.value)
+    assert f"supernet.colour (set in {ov})" in msg and f"supernet.sampler (set in {ov})" in msg
+    assert "\n" not in msg

@@ -518,15 +518,35 @@ def _read_yaml(path: Path) -> dict:
 def load_params(path: str | Path = "params.yaml", overlays: list[str | Path] = (),
                 overrides: dict[str, Any] | None = None) -> Params:
     """params.yaml, then each overlay file, then `overrides` (a nested dict), validated."""
-    raw = _read_yaml(Path(path))
-    for ov in overlays:
-        raw = deep_merge(raw, _read_yaml(Path(ov)))
+    layers = [(str(path), _read_yaml(Path(path)))]
+    layers += [(str(ov), _read_yaml(Path(ov))) for ov in overlays]
     if overrides:
-        raw = deep_merge(raw, overrides)
-    return params_from_dict(raw, source=str(path))
+        layers.append(("overrides", overrides))
+    raw: dict = {}
+    for _, layer in layers:
+        raw = deep_merge(raw, layer)
+    names = [n for n, _ in layers]
+    return params_from_dict(raw, source=" + ".join(names), layers=layers)
 
 
-def params_from_dict(raw: dict, source: str = "params") -> Params:
+def _defined_in(layers: list[tuple[str, dict]], loc: tuple) -> str | None:
+    """The last layer (file) that sets the key path `loc`: where a bad value or unknown key came from."""
+    found = None
+    for name, layer in layers:
+        node = layer
+        for part in loc:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+        else:
+            found = name
+    return found
+
+
+def params_from_dict(raw: dict, source: str = "params", layers: list[tuple[str, dict]] | None = None) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
@@ -536,5 +556,8 @@ def params_from_dict(raw: dict, source: str = "params") -> Params:
         for err in e.errors():
             where = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
+            origin = _defined_in(layers, tuple(err["loc"])) if layers and len(layers) > 1 and err["loc"] else None
+            if origin:
+                where = f"{where} (set in {origin})"
             problems.append(f"{where}: {msg}" if where else msg)
         raise ParamsError(f"{source}: invalid parameters: " + "; ".join(problems)) from None
