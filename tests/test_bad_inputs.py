@@ -240,3 +240,46 @@ def test_a_bad_overlay_key_is_blamed_on_the_overlay(tmp_path):
     msg = str(e.value)
     assert f"supernet.colour (set in {ov})" in msg and f"supernet.sampler (set in {ov})" in msg
     assert "\n" not in msg
+
+
+def test_a_superclass_map_that_is_not_yaml_is_one_error_naming_it(tmp_path):
+    from tailor.data import DataError, load_imagefolder
+
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "tree" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "tree" / split / c / "0.png")
+    bad = tmp_path / "map.yaml"
+    bad.write_text("dogs: [a, b\ncats: c]\n")
+    cfg = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "tree"),
+                            "superclass_map": str(bad)}).data
+    with pytest.raises(DataError, match=f"{bad}: superclass map is not valid YAML \\(line"):
+        load_imagefolder(cfg)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_prepared_split_is_one_error_naming_the_file(tiny_run, tmp_path, damage):
+    import shutil
+
+    from tailor.data import DataError, load_split
+
+    d = tmp_path / "data"
+    shutil.copytree(tiny_run["data"], d)
+    x = d / "train" / "x.npy"
+    if damage == "truncate":
+        x.write_bytes(x.read_bytes()[:200])
+    else:
+        x.unlink()
+    with pytest.raises(DataError, match=str(x)):
+        load_split(d, "train")
+
+
+def test_a_truncated_results_json_is_one_error_naming_it(tiny_run, tmp_path):
+    (tmp_path / "results.json").write_text('{"cost": {"unit": "MAdds", ')
+    r = run_cli("retrain", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
+                "--supernet", tiny_run["supernet"], "--superclass", "sc0", "--budget", "600000",
+                "--search-dir", tmp_path, "--out", tmp_path / "m.pt", "--metrics", tmp_path / "m.json",
+                "--work-dir", tmp_path / "w")
+    assert_one_line_error(r, tmp_path / "results.json", "not valid JSON")

@@ -201,19 +201,28 @@ def _decode(tree: _Tree, files: list[PurePosixPath], size: int) -> np.ndarray:
     return out
 
 
+def _yaml_map(text, source: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        raise DataError(f"{source}: superclass map is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+
+
 def load_imagefolder(cfg: DataConfig):
     tree = _Tree(Path(cfg.path))
     if cfg.superclass_map:
         map_path = Path(cfg.superclass_map)
         try:
-            raw_map, map_source = yaml.safe_load(map_path.read_text()), str(map_path)
+            raw_map, map_source = _yaml_map(map_path.read_text(), str(map_path)), str(map_path)
         except FileNotFoundError:
             raise DataError(f"{map_path}: superclass map not found") from None
     else:
         rel = tree.root / "superclasses.yaml"
         if not tree.exists(rel):
             raise DataError(f"{cfg.path}: no superclasses.yaml at {rel}; set data.superclass_map")
-        raw_map, map_source = yaml.safe_load(tree.read(rel)), f"{cfg.path}:{rel}"
+        raw_map, map_source = _yaml_map(tree.read(rel), f"{cfg.path}:{rel}"), f"{cfg.path}:{rel}"
     train_files = tree.images("train")
     test_files = tree.images("test")
     if not train_files:
@@ -303,7 +312,18 @@ def write(out_dir: Path, meta: Meta, splits: dict, provenance: dict) -> None:
 
 def load_split(data_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     d = Path(data_dir) / split
-    return np.load(d / "x.npy"), np.load(d / "y.npy")
+    out = []
+    for name in ("x.npy", "y.npy"):
+        try:
+            out.append(np.load(d / name))
+        except FileNotFoundError:
+            raise DataError(f"{d / name}: missing; is {data_dir} a directory prepare-data wrote?") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{d / name}: truncated or corrupt ({e}); re-run prepare-data") from None
+    x, y = out
+    if len(x) != len(y):
+        raise DataError(f"{d}: x.npy has {len(x)} images but y.npy {len(y)} labels; re-run prepare-data")
+    return x, y
 
 
 # ---------------------------------------------------------------- feeding the GPU (or CPU)

@@ -19,7 +19,7 @@ from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.context import Context, _summary, load_supernet, provenance, save_supernet  # noqa: F401
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
 from tailor.utils import load_checkpoint, load_state
-from tailor.utils import check_replaceable
+from tailor.utils import check_replaceable, read_json
 from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
 
 
@@ -296,12 +296,10 @@ def choose_arch(p: Params, search_dir: Path, superclass: str, budget: float) -> 
         raise FileNotFoundError(
             f"{results}: no search results, and retrain.scenarios gives no arch for {superclass}@{budget:g}; "
             "run the search stages first (dvc repro search-collect), or pass --arch")
-    import json
-
     from tailor.search.common import SearchError
     from tailor.search.run import find_arch
 
-    cost = json.loads(results.read_text())["cost"]
+    cost = read_json(results, "search results")["cost"]
     if cost["unit"] != budget_unit(p):
         raise SearchError(f"{results}: budgets are in {cost['unit']}, but retrain.scenarios budgets are in "
                           f"{budget_unit(p)} (search.cost.kind {p.search.cost.kind!r})")

@@ -81,6 +81,17 @@ def load_state(module: torch.nn.Module, state: dict, path: str | Path, what: str
                               "made with another search space or by another stage?") from None
 
 
+def read_json(path: str | Path, what: str = "file"):
+    """json.loads of a file, with a missing or malformed file as one error naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path}: not valid JSON ({e}); truncated? re-run the stage that writes it") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp_beside(path)

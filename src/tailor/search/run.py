@@ -13,7 +13,6 @@ per task) into search/results.json, search/table.md and the metrics.
 """
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from tailor.config import Params
 from tailor.search.common import Setup, SearchError, load_setup, resolve_budgets
 from tailor.space import Arch
-from tailor.utils import atomic_write_json, atomic_write_text, fingerprint, log
+from tailor.utils import atomic_write_json, atomic_write_text, fingerprint, log, read_json
 
 METHODS = ("generator", "random", "evolution", "nsga2")
 
@@ -420,7 +419,7 @@ def collect(p: Params, inputs: list[Path], results_path: Path, table_path: Path,
     docs = []
     for path in inputs:
         try:
-            docs.append(json.loads(Path(path).read_text()))
+            docs.append(read_json(path, "search output"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such search result (run its search stage first)") from None
     methods, cost = _merge(docs)
@@ -443,7 +442,7 @@ def collect(p: Params, inputs: list[Path], results_path: Path, table_path: Path,
 def find_arch(results_path: Path, method: str, superclass: str, budget: float) -> str:
     """The architecture `method` chose for (superclass, budget) in search/results.json (for retrain),
     in the run of the first of search.seeds."""
-    doc = json.loads(Path(results_path).read_text())
+    doc = read_json(results_path, "search results")
     if method not in doc["methods"]:
         raise SearchError(f"{results_path}: no results of method {method!r} (has {sorted(doc['methods'])})")
     rows = doc["methods"][method]["rows"]
