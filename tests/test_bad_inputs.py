@@ -211,7 +211,7 @@ def test_retrain_scenarios_outside_the_search_grid_fail_when_params_load():
 
     with pytest.raises(ParamsError, match=r"retrain.scenarios\[0\].budget 0.3 is not one of search.budgets.values"):
         tiny_params(retrain={"scenarios": [{"superclass": "sc0", "budget": 0.3, "arch": None}]})
-    with pytest.raises(ParamsError, match="retrain.scenarios.0.budget: Input should be a finite number"):
+    with pytest.raises(ParamsError, match=r"retrain.scenarios.0.budget \(set in overrides\): Input should be a finite number"):
         tiny_params(retrain={"scenarios": [{"superclass": "sc0", "budget": float("nan"), "arch": None}]})
     # With fraction budgets the fraction is the spelling; an explicit arch needs no grid entry.
     tiny_params(search={"budgets": {"kind": "fraction", "values": [0.3, 0.7]}},
