@@ -191,7 +191,12 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
+BASELINE = "sandwich"  # the variant run with the preset alone (no recipe overlay)
+
+
 def markdown(data_name: str) -> str:
+    from tailor.stats import tau_difference
+
     sa_file = standalone_path(data_name)
     sa = json.loads(sa_file.read_text())
     runs = sorted((json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")),
@@ -210,16 +215,29 @@ def markdown(data_name: str) -> str:
         "over architectures. min / mid / max: the space's uniform subnets, test sc-top-1 (%). Wall: "
         "train-supernet's training seconds on this 2-core CPU.",
         "",
-        "| variant | sampler | ELS | curriculum | q | Kendall tau [95% CI] | Spearman rho [95% CI] | min / mid / max | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"tau - tau({BASELINE}): the paired bootstrap difference from the preset's own recipe (same "
+        "architectures resampled for both); a CI that holds 0 is a tie.",
+        "",
+        f"| variant | sampler | ELS | curriculum | q | Kendall tau [95% CI] | tau - tau({BASELINE}) [95% CI] "
+        "| Spearman rho [95% CI] | min / mid / max | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    base = next((r for r in runs if r["name"] == BASELINE), None)
     for r in runs:
         g, rc = r["ranking"], r["recipe"]
+        diff = "-"
+        if base is not None and r is not base:
+            truth = {x["arch"]: x["standalone"] for x in r["archs"]}
+            mine = {x["arch"]: x["supernet"] for x in r["archs"]}
+            theirs = {x["arch"]: x["supernet"] for x in base["archs"]}
+            common = sorted(set(mine) & set(theirs))
+            d = tau_difference([mine[a] for a in common], [theirs[a] for a in common], [truth[a] for a in common])
+            diff = f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
         cur = "yes" if rc["curriculum"]["enabled"] else "no"
         sampler = rc["sampler"] + (f" x{rc['subnets_per_step']}" if rc["sampler"] == "sandwich" else "")
         lines.append(
             f"| {r['name']} | {sampler} | {'yes' if rc['els'] else 'no'} | {cur} | {rc['superclass_dropout']} | "
-            f"{g['kendall_tau']:.3f} [{g['kendall_tau_ci'][0]:.2f}, {g['kendall_tau_ci'][1]:.2f}] | "
+            f"{g['kendall_tau']:.3f} [{g['kendall_tau_ci'][0]:.2f}, {g['kendall_tau_ci'][1]:.2f}] | {diff} | "
             f"{g['spearman_rho']:.3f} [{g['spearman_rho_ci'][0]:.2f}, {g['spearman_rho_ci'][1]:.2f}] | "
             + " / ".join(_pct(v["test_sc_top1_mean"]) for v in r["subnets"].values())
             + f" | {r['train_seconds']:.0f} |")

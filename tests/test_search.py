@@ -390,6 +390,18 @@ def test_spearman_and_rank_agreement():
         rank_agreement([1, 2], [1, 2])
 
 
+def test_tau_difference_is_paired():
+    from tailor.stats import kendall_tau, tau_difference
+
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=30)
+    good, bad = truth + 0.2 * rng.normal(size=30), rng.normal(size=30)
+    d = tau_difference(good, bad, truth)
+    assert d["diff"] == pytest.approx(kendall_tau(good, truth) - kendall_tau(bad, truth)) and d["lo"] > 0
+    same = tau_difference(good, good, truth)
+    assert same["diff"] == same["lo"] == same["hi"] == 0.0  # paired: identical scorings never differ
+
+
 # ---------------------------------------------------------------- the stage
 def test_every_method_meets_every_budget(searched):
     p = searched["params"]

@@ -114,3 +114,19 @@ def rank_agreement(a, b, resamples: int = 2000, seed: int = 0, level: float = 0.
     return {"n": int(len(a)), "kendall_tau": kendall_tau(a, b), "kendall_tau_ci": [float(x) for x in np.quantile(taus, q)],
             "spearman_rho": spearman_rho(a, b), "spearman_rho_ci": [float(x) for x in np.quantile(rhos, q)],
             "resamples": resamples, "level": level}
+
+
+def tau_difference(a, b, truth, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Kendall tau of scoring `a` minus that of scoring `b`, both against `truth`, on the same items;
+    paired percentile bootstrap (one resample of items serves both), so a shared draw of easy or
+    hard architectures cancels out of the difference."""
+    a, b, truth = (np.asarray(v, dtype=np.float64) for v in (a, b, truth))
+    if not len(a) == len(b) == len(truth) or len(a) < 3:
+        raise ValueError(f"tau_difference: needs three equal-length scorings of >= 3 items, got "
+                         f"{len(a)}, {len(b)}, {len(truth)}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(resamples, len(a)))
+    diffs = np.array([kendall_tau(a[k], truth[k]) - kendall_tau(b[k], truth[k]) for k in idx])
+    lo, hi = np.quantile(diffs, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": kendall_tau(a, truth) - kendall_tau(b, truth), "lo": float(lo), "hi": float(hi),
+            "resamples": resamples, "level": level}
