@@ -177,8 +177,9 @@ def cmd_variant(args, p) -> dict:
                       "superclass_dropout": p.supernet.superclass_dropout, "kd_weight": p.supernet.kd_weight,
                       "phases": [ph.model_dump() for ph in p.supernet.phases]},
            "epochs": sn["epochs"], "train_seconds": sn["train_seconds"], "stage_seconds": round(wall, 1),
-           "subnets": {k: {"madds_m": v["madds_m"], "test_sc_top1_mean": v["test_sc_top1_mean"]}
-                       for k, v in sn["subnets"].items()},
+           # Per-image hits of min / mid / max on test: paired comparisons between variants.
+           "subnets": {k: {"madds_m": v["madds_m"], "test_sc_top1_mean": v["test_sc_top1_mean"],
+                           "test_correct": v["test_correct"]} for k, v in sn["subnets"].items()},
            "ranking": agree, "archs": rows, "params": p.model_dump(mode="json")}
     atomic_write_json(RESULTS / f"ranking-{args.data_name}-{args.name}.json", res)
     log(f"ranking {args.name}: tau {agree['kendall_tau']:.3f} {agree['kendall_tau_ci']}, "
@@ -241,8 +242,49 @@ def markdown(data_name: str) -> str:
             f"{g['spearman_rho']:.3f} [{g['spearman_rho_ci'][0]:.2f}, {g['spearman_rho_ci'][1]:.2f}] | "
             + " / ".join(_pct(v["test_sc_top1_mean"]) for v in r["subnets"].values())
             + f" | {r['train_seconds']:.0f} |")
-    lines += ["", f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>.json`."]
+    lines += ["", *claims(runs), "", f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>.json`."]
     return "\n".join(lines)
+
+
+def _paired_min(a: dict, b: dict) -> str:
+    """Min-subnet test accuracy of run a minus run b, paired bootstrap over the test images."""
+    from tailor.stats import as_hits, paired_bootstrap
+
+    ca, cb = a["subnets"]["min"].get("test_correct"), b["subnets"]["min"].get("test_correct")
+    if not ca or not cb:
+        return "(per-image hits not recorded)"
+    groups = [(as_hits(ca[sc]), as_hits(cb[sc])) for sc in ca]
+    d = paired_bootstrap(groups)
+    return f"{100 * d['diff']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def claims(runs: list[dict]) -> list[str]:
+    """The papers' claims, each as a paired difference between two rows of the table."""
+    from tailor.stats import tau_difference
+
+    by = {r["name"]: r for r in runs}
+
+    def dtau(x, y) -> str:
+        truth = {a["arch"]: a["standalone"] for a in x["archs"]}
+        sx, sy = ({a["arch"]: a["supernet"] for a in r["archs"]} for r in (x, y))
+        common = sorted(set(sx) & set(sy))
+        d = tau_difference([sx[a] for a in common], [sy[a] for a in common], [truth[a] for a in common])
+        return f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+    out = []
+    for name in sorted(by):
+        if name.endswith("-els") and name[:-4] in by:
+            out.append(f"- ELS ({name} - {name[:-4]}): tau {dtau(by[name], by[name[:-4]])}.")
+    if "curriculum" in by and BASELINE in by:
+        out.append(f"- Curriculum - direct ({BASELINE}), equal epochs: min subnet "
+                   f"{_paired_min(by['curriculum'], by[BASELINE])} (AdaSearch: >= +1); "
+                   f"tau {dtau(by['curriculum'], by[BASELINE])}.")
+    qs = sorted((r["recipe"]["superclass_dropout"], r) for r in runs
+                if r["name"] in {BASELINE, "q0", "q0.3", "q0.6"})
+    if len(qs) > 1 and qs[0][0] == 0:
+        out += [f"- Superclass dropout q = {q} - q = 0: min subnet {_paired_min(r, qs[0][1])}; "
+                f"tau {dtau(r, qs[0][1])}." for q, r in qs[1:]]
+    return (["Claims, each a paired difference [95% CI]:"] + out) if out else []
 
 
 def main(argv=None) -> None:
