@@ -366,6 +366,7 @@ def test_nsga2_constrained_sort_and_weighted_crowding():
 
 def test_kendall_tau():
     assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert type(kendall_tau([1, 2, 3], [3, 1, 2])) is float  # stored in weights-only checkpoints
     assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
     # tau-b by hand: 5 pairs concordant, 0 discordant, one tie in a only -> 5 / sqrt(5 * 6)
     assert kendall_tau([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / np.sqrt(30))

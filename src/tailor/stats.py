@@ -73,8 +73,8 @@ def kendall_tau(a, b) -> float:
     i, j = np.triu_indices(len(a), 1)
     da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
     s = float((da * db).sum())
-    denom = np.sqrt(float((da != 0).sum()) * float((db != 0).sum()))
-    return s / denom if denom else 0.0
+    denom = float(np.sqrt(float((da != 0).sum()) * float((db != 0).sum())))
+    return s / denom if denom else 0.0  # a Python float: it goes into weights-only checkpoints
 
 
 def _ranks(v: np.ndarray) -> np.ndarray:
