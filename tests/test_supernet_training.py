@@ -70,7 +70,7 @@ def test_inplace_distillation_needs_the_sandwich_sampler():
 def test_sandwich_and_spos_paths():
     space = default_space()
     small = FULL.model_copy(update={"depths": [2, 3], "expands": [3, 4]})
-    cfg = tiny_params(supernet={"subnets_per_step": 4}).supernet
+    cfg = tiny_params(supernet={"sampler": "sandwich", "subnets_per_step": 4}).supernet
     paths = step_paths(space, small, cfg, random.Random(0))
     assert len(paths) == 4
     assert paths[0] == space.uniform(3, 7, 4) == phase_extreme(space, small, True)  # the phase's largest
@@ -170,7 +170,7 @@ def test_progressive_distillation_weight_moves_from_start_to_end():
 
 def test_curriculum_rejects_shrinking_phases_and_els():
     with pytest.raises(ParamsError, match="drops depths"):
-        tiny_params(supernet={"curriculum": {"enabled": True},
+        tiny_params(supernet={"curriculum": {"enabled": True}, "sampler": "sandwich",
                               "phases": [{"name": "a", "epochs": 1, "lr": 0.1, "kernels": [3], "depths": [4],
                                           "expands": [6]},
                                          {"name": "b", "epochs": 1, "lr": 0.1, "kernels": [3], "depths": [2],
@@ -185,7 +185,8 @@ SWITCHES = {
     "spos": {"supernet": {"sampler": "spos", "subnets_per_step": 1, "kd_weight": 0}},
     "fairnas": {"supernet": {"sampler": "fairnas", "subnets_per_step": 3, "kd_weight": 0}},
     "els": {"space": ELS_SPACE, "supernet": {"els": True}},
-    "curriculum": {"supernet": {"curriculum": {"enabled": True}, "phases": [
+    "sandwich": {"supernet": {"sampler": "sandwich", "subnets_per_step": 2}},
+    "curriculum": {"supernet": {"sampler": "sandwich", "subnets_per_step": 2, "curriculum": {"enabled": True}, "phases": [
         {"name": "small", "epochs": 1, "lr": 0.05, "kernels": [3, 5, 7], "depths": [2, 3], "expands": [3, 4]},
         {"name": "grown", "epochs": 2, "lr": 0.05, "kernels": [3, 5, 7], "depths": [2, 3, 4], "expands": [3, 4, 6]}]}},
 }
@@ -230,6 +231,8 @@ def test_each_switch_trains_and_resumes_after_a_stop_like_the_default(tiny_run, 
         assert (tmp_path / "ws" / "curriculum-teacher-1.pt").exists()
     if name in ("spos", "fairnas"):
         assert m["sampler"] == name and all(h["kd"] == 0 for h in m["history"])
+    if name == "sandwich":
+        assert m["sampler"] == "sandwich" and all(h["kd"] > 0 for h in m["history"])
 
 
 # ---------------------------------------------------------------- the loss applies what params say

@@ -409,7 +409,8 @@ def test_inplace_distillation_uses_the_steps_largest_subnet_not_the_teacher(tiny
     from tailor import stages, supernet_training
     from tailor.supernet import SuperNet
 
-    p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace", "subnets_per_step": 3})
+    p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace", "sampler": "sandwich",
+                                                     "subnets_per_step": 3})
     stages.train_teacher(p, tiny_run["data"], tmp_path / "t.pt", tmp_path / "t.json", tmp_path / "wt")
     calls, forwards = [], []
     real_kd, real_forward = supernet_training.masked_kd, SuperNet.forward
