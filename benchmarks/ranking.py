@@ -196,7 +196,7 @@ BASELINE = "sandwich"  # the variant run with the preset alone (no recipe overla
 
 
 def markdown(data_name: str) -> str:
-    from tailor.stats import tau_difference
+    from tailor.stats import kendall_tau, tau_difference
 
     sa_file = standalone_path(data_name)
     sa = json.loads(sa_file.read_text())
@@ -209,12 +209,18 @@ def markdown(data_name: str) -> str:
         f"lr {sa['recipe']['optim']['lr']}, batch {sa['recipe']['optim']['batch_size']}), test sc-top-1 "
         f"{_pct(min(r['test_sc_top1_mean'] for r in srs))} to {_pct(max(r['test_sc_top1_mean'] for r in srs))}%; "
         f"{sum(r['train_seconds'] for r in srs) / 60:.0f} min of training in all "
-        f"(`benchmarks/results/{sa_file.name}`).",
+        f"(`benchmarks/results/{sa_file.name}`). Kendall tau between MAdds and stand-alone accuracy: "
+        f"{kendall_tau([r['madds'] for r in srs], [r['test_sc_top1_mean'] for r in srs]):+.2f} (negative: at "
+        "this recipe's epochs the smaller networks train better); between stand-alone val and test accuracy: "
+        f"{kendall_tau([r['val_sc_top1_mean'] for r in srs], [r['test_sc_top1_mean'] for r in srs]):.2f} (how "
+        "well the test split itself ranks them).",
         "",
-        "Each variant: the same preset, data and total epochs; supernet accuracy of each architecture "
-        "BN-recalibrated on the test split. tau / rho: Kendall / Spearman against stand-alone, 95% bootstrap CI "
-        "over architectures. min / mid / max: the space's uniform subnets, test sc-top-1 (%). Wall: "
-        "train-supernet's training seconds on this 2-core CPU.",
+        "Each variant: the same preset, data and total epochs, one training seed; each architecture's supernet "
+        "accuracy with BN recalibrated on training images, scored on the test split. tau / rho: Kendall / "
+        "Spearman against stand-alone, 95% bootstrap CI over architectures (the CIs do not include the "
+        "supernet's own seed-to-seed variation). min / mid / max: the space's uniform subnets, test sc-top-1 (%). "
+        "Wall: train-supernet's training seconds on this 2-core CPU (the load averages at start and end are in "
+        "each result file; some rows ran beside tests).",
         "",
         f"tau - tau({BASELINE}): the paired bootstrap difference from the preset's own recipe (same "
         "architectures resampled for both); a CI that holds 0 is a tie.",
