@@ -51,7 +51,8 @@ def test_stock_must_train_at_least_the_spines_epochs():
 def test_untrained_teacher_needs_inplace_distillation():
     with pytest.raises(ParamsError, match=r"teacher\.epochs.*kd_source"):
         tiny_params(teacher={"epochs": 0})
-    p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace"})
+    p = tiny_params(teacher={"epochs": 0}, supernet={"kd_source": "inplace", "sampler": "sandwich",
+                                                     "subnets_per_step": 2})
     assert p.teacher.epochs == 0
 
 
