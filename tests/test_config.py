@@ -169,3 +169,14 @@ def test_unreadable_files_name_the_file(tmp_path: Path, content, needle):
     with pytest.raises(ParamsError) as e:
         load_params(ROOT / "params.yaml", [f])
     assert str(f) in str(e.value)
+
+
+def test_search_does_not_import_the_stage_bodies():
+    """search/ takes what it needs from tailor.context; importing it must not load tailor.stages (the
+    import circle issue 11 names)."""
+    import subprocess
+    import sys
+
+    code = "import sys, tailor.search; print('tailor.stages' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert r.stdout.strip() == "False"
