@@ -141,6 +141,7 @@ def cmd_variant(args, p) -> dict:
     import torch
 
     from tailor import stages
+    from tailor.space import Arch
     from tailor.stats import rank_agreement
     from tailor.utils import atomic_write_json, code_version, log
 
@@ -159,8 +160,6 @@ def cmd_variant(args, p) -> dict:
     ctx = stages.Context(p, data)
     supernet = ctx.prepare_model(supernet).eval()
     rows = []
-    from tailor.space import Arch
-
     for a, r in sa.items():
         e = ctx.evaluate_subnet(supernet, Arch.parse(a), splits=("test",))
         rows.append({"arch": a, "madds": r["madds"], "standalone": r["test_sc_top1_mean"],
@@ -196,7 +195,7 @@ BASELINE = "sandwich"  # the variant run with the preset alone (no recipe overla
 
 
 def markdown(data_name: str) -> str:
-    from tailor.stats import kendall_tau, tau_difference
+    from tailor.stats import kendall_tau
 
     sa_file = standalone_path(data_name)
     sa = json.loads(sa_file.read_text())
@@ -232,14 +231,7 @@ def markdown(data_name: str) -> str:
     base = next((r for r in runs if r["name"] == BASELINE), None)
     for r in runs:
         g, rc = r["ranking"], r["recipe"]
-        diff = "-"
-        if base is not None and r is not base:
-            truth = {x["arch"]: x["standalone"] for x in r["archs"]}
-            mine = {x["arch"]: x["supernet"] for x in r["archs"]}
-            theirs = {x["arch"]: x["supernet"] for x in base["archs"]}
-            common = sorted(set(mine) & set(theirs))
-            d = tau_difference([mine[a] for a in common], [theirs[a] for a in common], [truth[a] for a in common])
-            diff = f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+        diff = dtau(r, base) if base is not None and r is not base else "-"
         cur = "yes" if rc["curriculum"]["enabled"] else "no"
         sampler = rc["sampler"] + (f" x{rc['subnets_per_step']}" if rc["sampler"] == "sandwich" else "")
         lines.append(
@@ -264,19 +256,20 @@ def _paired_min(a: dict, b: dict) -> str:
     return f"{100 * d['diff']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
-def claims(runs: list[dict]) -> list[str]:
-    """The papers' claims, each as a paired difference between two rows of the table."""
+def dtau(x: dict, y: dict) -> str:
+    """tau of run x minus tau of run y on their common architectures, paired bootstrap CI."""
     from tailor.stats import tau_difference
 
+    truth = {a["arch"]: a["standalone"] for a in x["archs"]}
+    sx, sy = ({a["arch"]: a["supernet"] for a in r["archs"]} for r in (x, y))
+    common = sorted(set(sx) & set(sy))
+    d = tau_difference([sx[a] for a in common], [sy[a] for a in common], [truth[a] for a in common])
+    return f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
+def claims(runs: list[dict]) -> list[str]:
+    """The papers' claims, each as a paired difference between two rows of the table."""
     by = {r["name"]: r for r in runs}
-
-    def dtau(x, y) -> str:
-        truth = {a["arch"]: a["standalone"] for a in x["archs"]}
-        sx, sy = ({a["arch"]: a["supernet"] for a in r["archs"]} for r in (x, y))
-        common = sorted(set(sx) & set(sy))
-        d = tau_difference([sx[a] for a in common], [sy[a] for a in common], [truth[a] for a in common])
-        return f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
-
     out = []
     for name in sorted(by):
         if name.endswith("-els") and name[:-4] in by:

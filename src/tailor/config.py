@@ -456,7 +456,7 @@ class Params(Strict):
         for i, s in enumerate(self.retrain.scenarios):
             # Without an explicit arch a scenario takes the search's pick, so it must be in the grid,
             # spelt as search.budgets spells it (fractions when the search uses fractions).
-            if s.arch is None and not any(abs(s.budget - v) <= 1e-9 * max(1.0, abs(v)) for v in grid.values):
+            if s.arch is None and not any(same_budget(s.budget, v) for v in grid.values):
                 raise ValueError(f"retrain.scenarios[{i}].budget {s.budget:g} is not one of search.budgets.values "
                                  f"{grid.values} (kind {grid.kind!r}), so the search has no pick for it; use one "
                                  "of those values or give the scenario an arch")
@@ -491,6 +491,11 @@ class Params(Strict):
                         raise ValueError(f"supernet.curriculum: phase {ph.name!r} drops {name} {lost} of phase "
                                          f"{prev.name!r}; a curriculum only grows")
         return self
+
+
+def same_budget(a: float, b: float) -> bool:
+    """Two spellings of one budget (a YAML literal and a float that went through JSON or arithmetic)."""
+    return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:

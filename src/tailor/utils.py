@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -113,12 +114,6 @@ class OutputError(ValueError):
     """An output path that tailor must not replace."""
 
 
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
-
-
 def check_replaceable(path: Path, force: bool = False) -> None:
     """Raise OutputError unless `path` is absent, an empty directory, or a directory tailor wrote."""
     here = Path.cwd().resolve()
@@ -147,7 +142,7 @@ def atomic_dir(path: str | Path, force: bool = False):
     path = Path(path)
     check_replaceable(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary shared artifact
