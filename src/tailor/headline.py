@@ -11,12 +11,13 @@ metrics/supernet.json, metrics/export.json), so the report and the benchmarks co
 """
 from __future__ import annotations
 
+from tailor.config import same_budget
 from tailor.stats import as_hits, paired_bootstrap
 
 
 def _latency_ms(export: dict | None, superclass: str, budget: float) -> float | None:
     for m in (export or {}).get("models", {}).values():
-        if m["superclass"] == superclass and abs(float(m["budget"]) - float(budget)) <= 1e-9 * max(1.0, abs(budget)):
+        if m["superclass"] == superclass and same_budget(m["budget"], budget):
             return m.get("ort_cpu_latency_ms", {}).get("batch_1")
     return None
 

@@ -12,15 +12,14 @@ import numpy as np
 import torch
 
 from tailor import data as datamod
-from tailor.config import Params
+from tailor.config import Params, same_budget
 from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.context import Context, _summary, load_supernet, provenance, save_supernet  # noqa: F401
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
-from tailor.utils import load_checkpoint, load_state
-from tailor.utils import check_replaceable, read_json
-from tailor.utils import atomic_dir, atomic_torch_save, atomic_write_json, code_version, file_hash, fingerprint, log
+from tailor.utils import (atomic_dir, atomic_torch_save, atomic_write_json, check_replaceable, code_version, file_hash,
+                          fingerprint, load_checkpoint, load_state, log, read_json)
 
 
 # ---------------------------------------------------------------- prepare-data
@@ -289,7 +288,7 @@ def choose_arch(p: Params, search_dir: Path, superclass: str, budget: float) -> 
     retrain.method chose for the scenario in search_dir/results.json (written by search-collect).
     """
     for s in p.retrain.scenarios:
-        if s.arch and s.superclass in (None, superclass) and abs(s.budget - budget) <= 1e-9 * max(1.0, abs(budget)):
+        if s.arch and s.superclass in (None, superclass) and same_budget(s.budget, budget):
             return Arch.parse(s.arch)
     results = Path(search_dir) / "results.json"
     if not results.is_file():

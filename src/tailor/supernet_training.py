@@ -69,7 +69,7 @@ def step_paths(space: SearchSpace, ph: PhaseConfig, cfg: SupernetConfig, rng: ra
     # Sandwich rule: the largest first and, with three or more per step, the smallest last; the
     # rest uniform, so that middle-sized subnets are trained too.
     paths = [phase_extreme(space, ph, True)]
-    paths += [space.sample(rng, ph.kernels, ph.depths, ph.expands) for _ in range(max(0, n - 2 if n >= 3 else n - 1))]
+    paths += [space.sample(rng, ph.kernels, ph.depths, ph.expands) for _ in range(n - 2 if n >= 3 else n - 1)]
     if n >= 3:
         paths.append(phase_extreme(space, ph, False))
     return paths
