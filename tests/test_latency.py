@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import tiny_params
 from tailor import latency
 from tailor.config import ParamsError
+from tailor.data import Meta
 from tailor.nets import StaticNet
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import Gates
@@ -216,7 +217,11 @@ def test_tiny_profile_end_to_end(p, space, prepared, tmp_path, target):
 
     metrics = stages.profile_latency(p, prepared, tmp_path / "latency", tmp_path / "metrics.json", [target])
     lut = latency.load_lut(tmp_path / "latency" / f"{target}.json")
-    assert set(lut["entries"]) == set(latency.table_keys(space, lut["num_classes"]))
+    meta = Meta.load(prepared)
+    widest = max(meta.class_superclass.count(i) for i in range(len(meta.superclasses)))
+    assert lut["deployed_classes"] == widest < lut["num_classes"]  # an exported net's classifier, not all classes
+    assert set(lut["entries"]) == set(latency.table_keys(space, widest))
+    assert lut["fixed"]["head"].endswith(f"_n{widest}_probs") and lut["fixed"]["stem"].startswith("stem_u8_")
     assert all(e["ms"] > 0 and e["calls"] == 6 for e in lut["entries"].values())
     assert lut["target_name"] == target and lut["target"]["runtime"] == p.latency.targets[target].runtime
     assert lut["machine"]["cpu_count"] >= 1 and lut["versions"]["torch"] == torch.__version__
@@ -225,8 +230,14 @@ def test_tiny_profile_end_to_end(p, space, prepared, tmp_path, target):
     assert len(lut["networks"]["calibration"]) == 5 and len(lut["networks"]["held_out"]) == 3
     assert all(r["measured_ms"] > 0 and r["sum_ms"] > 0 for r in rows)
     model = latency.load_latency_model(tmp_path / "latency" / f"{target}.json", space, lut["num_classes"])
-    for r in rows:
-        assert model.cost(Arch.parse(r["arch"])) == pytest.approx(r["predicted_ms"])
+    cal, e = lut["calibration"], lut["entries"]
+    for r in rows:  # the calibrated sum, written out from the entries (not via the cost model's table)
+        arch = Arch.parse(r["arch"])
+        blocks = latency.arch_blocks(space, arch)
+        by_hand = (cal["fixed_scale"] * (e[lut["fixed"]["stem"]]["ms"] + e[lut["fixed"]["head"]]["ms"])
+                   + sum(cal["unit_scale"][i] * e[s.key]["ms"] for i, s in blocks)
+                   + cal["block_ms"] * len(blocks) + cal["offset_ms"])
+        assert model.cost(arch) == pytest.approx(by_hand) == pytest.approx(r["predicted_ms"])
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     m = metrics[target]
     assert m["held_out_archs"] == 3 and 0 <= m["held_out_median_rel_err"] <= m["held_out_p90_rel_err"]
@@ -262,3 +273,54 @@ def test_calibration_is_fitted_on_the_calibration_networks_only(p, space, monkey
     held_terms = [latency.raw_terms(lut, space, Arch.parse(r["arch"])) for r in held]
     for terms, _ in seen:
         assert len(terms) == len(cal) and not [t for t in terms if t in held_terms]
+
+
+# ---------------------------------------------------------------- the deployed artifact
+def _op_counts(model_bytes: bytes) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return dict(collections.Counter(n.op_type for n in onnx.load_from_string(model_bytes).graph.node))
+
+
+def test_profiled_nets_are_the_exported_graph(space, tmp_path):
+    """What the LUT times as a whole subnet, and its fixed parts, are the ops `tailor export` writes:
+    uint8 NHWC in (Transpose, Cast, Mul, Add), the superclass-wide classifier, logits and softmax."""
+    from tailor.export import export_onnx
+
+    arch, classes = space.max_arch, 2
+    x = torch.randint(0, 256, latency.image_shape(space, 1), dtype=torch.uint8)
+    profiled = _op_counts(latency.onnx_bytes(latency.deployed_net(space, arch, classes), x))
+    path = export_onnx(StaticNet(space, arch, classes), tmp_path / "m.onnx", space.image_size, (0.4,) * 3, (0.2,) * 3)
+    assert profiled == _op_counts(path.read_bytes())
+    assert profiled["Softmax"] == 1 and profiled["Cast"] >= 1
+    # The fixed parts together with the blocks are the same ops as the whole net.
+    stem = _op_counts(latency.onnx_bytes(latency.deployed_stem(space), x))
+    fr, c = space.final_resolution, space.cfg
+    head = _op_counts(latency.onnx_bytes(latency.deployed_head(space, classes), torch.randn(1, c.widths[-1], fr, fr)))
+    assert stem["Cast"] == profiled["Cast"] and head["Softmax"] == 1 and head["Gemm"] == profiled["Gemm"]
+
+
+def test_deployed_files_are_timed_under_the_targets_session_options(p, space, tmp_path, monkeypatch):
+    from tailor.export import export_onnx
+
+    target = p.latency.targets["cpu-ort"]
+    seen = []
+    real_session = latency.OrtRunner.session
+
+    def spy(self, model):
+        sess = real_session(self, model)
+        seen.append(sess.get_session_options())
+        return sess
+
+    monkeypatch.setattr(latency.OrtRunner, "session", spy)
+    files = {n: export_onnx(StaticNet(space, a, 2), tmp_path / f"{n}.onnx", space.image_size, (0.5,) * 3, (0.2,) * 3)
+             for n, a in (("small", space.min_arch), ("large", space.max_arch))}
+    stats = latency.measure_deployed("cpu-ort", target, p.latency.protocol, files, space.image_size, lambda m: None)
+    pr = p.latency.protocol
+    assert set(stats) == {"small", "large"}
+    assert all(s["calls"] == pr.repeats * pr.rounds and s["ms"] == s[f"{pr.statistic}_ms"] > 0 for s in stats.values())
+    assert [(o.intra_op_num_threads, o.inter_op_num_threads) for o in seen] == [(target.threads, 1)] * 2
+    with pytest.raises(RuntimeError, match="cpu-torch"):
+        latency.measure_deployed("cpu-torch", p.latency.targets["cpu-torch"], pr, files, space.image_size)

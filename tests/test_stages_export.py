@@ -115,6 +115,10 @@ def test_export_writes_a_checked_repository(exported):
     assert e["onnx_test_top1"] == pytest.approx(exported["metrics"]["test_top1"], abs=1e-5)
     assert e["test_top1"] == exported["metrics"]["test_top1"] and e["test_images"] == 16
     assert set(e["ort_cpu_latency_ms"]) == {"batch_1", "batch_4"} and all(v > 0 for v in e["ort_cpu_latency_ms"].values())
+    # timed again as profile-latency times its nets, under each profiled target that can run an ONNX file here
+    pr, targets = p.latency.protocol, [t for t in p.latency.target if p.latency.targets[t].runtime == "onnxruntime"]
+    assert targets and list(e["target_latency"]) == targets
+    assert all(v["calls"] == pr.repeats * pr.rounds and v["ms"] > 0 for v in e["target_latency"].values())
     assert e["onnx_bytes"] == (repo / NAME / "1" / "model.onnx").stat().st_size
     assert json.loads((exported["root"] / "metrics" / "export.json").read_text()) == m
 

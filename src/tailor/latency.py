@@ -3,7 +3,10 @@
 Every block slot of the space has a fixed context (input resolution, in/out channels, stride,
 activation, SE), so a block's cost on a target is fixed by that context plus its (kernel, expand):
 `BlockSpec.key`. The table holds the measured time (median by default) of every distinct block key and of the
-two fixed parts (stem + first block, head + classifier). Summing entries misses a whole network's
+two fixed parts as the exported graph runs them (uint8 NHWC pixels -> normalisation -> stem + first
+block; head -> classifier sliced to one superclass -> logits and softmax, tailor.export's convention),
+and the calibration subnets are timed whole in that deployed form too: a budget in milliseconds
+is a promise about the artifact Triton serves, not about a bare float network. Summing entries misses a whole network's
 time (per-call overhead, caches warm in isolation, fusion across blocks), so whole subnets of a
 calibration set are measured too and a linear correction is fitted; its error is reported on other,
 held-out subnets. The correction keeps the per-slot form, so `load_latency_model` returns a
@@ -41,7 +44,7 @@ from tailor.nets import Head, MBConv, StaticNet, Stem
 from tailor.space import Arch, SearchSpace, conv_out, mid_channels
 from tailor.utils import log
 
-FORMAT = "tailor-latency-lut/1"
+FORMAT = "tailor-latency-lut/2"  # /2: the fixed parts and the calibration nets as deployed
 METHODS = ("none", "affine", "affine_blocks", "per_unit")
 
 
@@ -88,13 +91,50 @@ def slot_specs(space: SearchSpace) -> list[list[list[list[BlockSpec]]]]:
 
 def stem_key(space: SearchSpace) -> str:
     c = space.cfg
-    return f"stem_r{space.image_size}_c{c.stem_channels}_s{c.stem_stride}_f{c.first_block_channels}"
+    return f"stem_u8_r{space.image_size}_c{c.stem_channels}_s{c.stem_stride}_f{c.first_block_channels}"
 
 
 def head_key(space: SearchSpace, num_classes: int) -> str:
     c = space.cfg
     return (f"head_r{space.final_resolution}_i{c.widths[-1]}_x{c.final_expand_channels}_f{c.feature_channels}"
-            f"_n{num_classes}")
+            f"_n{num_classes}_probs")
+
+
+# Latency does not depend on the normalisation constants; the deployed graph's ops do not either.
+_MEAN, _STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class _WithProbs(nn.Module):
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x):
+        logits = self.head(x)
+        return logits, torch.softmax(logits, dim=1)
+
+
+def deployed_stem(space: SearchSpace) -> nn.Module:
+    """The exported graph's first fixed part: uint8 NHWC in, stem and first block out."""
+    from tailor.export.onnx_export import UInt8Input
+
+    return nn.Sequential(UInt8Input(_MEAN, _STD), Stem(space))
+
+
+def deployed_head(space: SearchSpace, classes: int) -> nn.Module:
+    """The exported graph's last fixed part: head and a `classes`-way classifier, logits and probs out."""
+    return _WithProbs(Head(space, classes))
+
+
+def deployed_net(space: SearchSpace, arch: Arch, classes: int) -> nn.Module:
+    """A subnet exactly as `tailor export` wraps it (UInt8Classifier); takes uint8 [N, H, W, 3]."""
+    from tailor.export.onnx_export import UInt8Classifier
+
+    return UInt8Classifier(StaticNet(space, arch, classes), _MEAN, _STD)
+
+
+def image_shape(space: SearchSpace, batch: int) -> tuple[int, ...]:
+    return batch, space.image_size, space.image_size, 3
 
 
 def arch_blocks(space: SearchSpace, arch: Arch) -> list[tuple[int, BlockSpec]]:
@@ -135,10 +175,13 @@ class TorchRunner:
         self.device = torch.device(target.device)
         self.dtype = _DTYPES[target.dtype]
 
-    def prepare(self, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator) -> Callable[[], object]:
+    def prepare(self, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
+                pixels: bool = False) -> Callable[[], object]:
         fmt = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         module = module.eval().to(self.device, self.dtype, memory_format=fmt)
-        x = torch.randn(shape, generator=gen).to(self.device, self.dtype, memory_format=fmt)
+        x = _input(shape, gen, pixels)
+        # Pixels stay uint8 NHWC, as a client sends them; activations take the target's dtype and layout.
+        x = x.to(self.device) if x.dtype == torch.uint8 else x.to(self.device, self.dtype, memory_format=fmt)
 
         def run():
             with torch.inference_mode():
@@ -175,31 +218,49 @@ class OrtRunner:
             raise RuntimeError(f"latency target needs onnxruntime provider(s) {sorted(missing)}; this onnxruntime "
                                f"has {ort.get_available_providers()}")
 
-    def prepare(self, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator) -> Callable[[], object]:
-        module = module.eval().float()
-        x = torch.randn(shape, generator=gen)
-        buf = io.BytesIO()
-        # Tracing runs torch eager; one thread, since OpenMP threads spinning at barriers on a loaded
-        # machine make it 10x slower and only onnxruntime's threads matter here.
-        with torch.no_grad(), torch_threads(1), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-            torch.onnx.export(module, (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
-                              do_constant_folding=True, dynamo=False)
+    def prepare(self, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
+                pixels: bool = False) -> Callable[[], object]:
+        x = _input(shape, gen, pixels)
+        sess = self.session(onnx_bytes(module, x))
+        feed = {"x": x.numpy()}
+        return lambda: sess.run(None, feed)
+
+    def session(self, model: bytes | str | Path):
+        """An inference session under the target's conditions: for a profiled block and for an
+        exported model file alike, so the two are timed the same way."""
         opts = self.ort.SessionOptions()
         opts.intra_op_num_threads = self.target.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
-        sess = self.ort.InferenceSession(buf.getvalue(), sess_options=opts, providers=self.providers)
-        feed = {"x": x.numpy()}
-        return lambda: sess.run(None, feed)
+        src = model if isinstance(model, bytes) else str(model)
+        return self.ort.InferenceSession(src, sess_options=opts, providers=self.providers)
 
     def time_calls(self, fn: Callable[[], object], n: int) -> list[Call]:
         return _time_wall(fn, n)  # run() returns host arrays, so it has finished on any provider
 
 
 RUNNERS = {"torch": TorchRunner, "onnxruntime": OrtRunner}
+
+
+def onnx_bytes(module: nn.Module, x: torch.Tensor) -> bytes:
+    """`module` as an ONNX graph (static shapes, fp32, opset 17), as tailor.export traces it."""
+    buf = io.BytesIO()
+    # Tracing runs torch eager; one thread, since OpenMP threads spinning at barriers on a loaded
+    # machine make it 10x slower and only onnxruntime's threads matter here.
+    with torch.no_grad(), torch_threads(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(module.eval().float(), (x,), buf, input_names=["x"], output_names=["y"], opset_version=17,
+                          do_constant_folding=True, dynamo=False)
+    return buf.getvalue()
+
+
+def _input(shape: tuple[int, ...], gen: torch.Generator, pixels: bool) -> torch.Tensor:
+    # pixels: the deployed graph's uint8 NHWC input; otherwise a float activation.
+    if pixels:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    return torch.randn(shape, generator=gen)
 
 
 Call = tuple[float, bool]  # (milliseconds, ran without any of this process's threads being preempted)
@@ -390,9 +451,14 @@ def load_latency_model(lut_path: str | Path, space: SearchSpace | None = None,
 
 # ---------------------------------------------------------------- profiling
 def new_lut(target_name: str, target: LatencyTarget, protocol, space: SearchSpace, num_classes: int, seed: int,
-            entries: dict[str, dict]) -> dict:
-    """A LUT document around measured `entries` (key -> {"ms": ...}), uncalibrated."""
-    missing = [k for k in table_keys(space, num_classes) if k not in entries]
+            entries: dict[str, dict], deployed_classes: int | None = None) -> dict:
+    """A LUT document around measured `entries` (key -> {"ms": ...}), uncalibrated.
+
+    `deployed_classes`: the classifier width the head entry was timed with (an exported net keeps one
+    superclass's classes; the largest superclass's count, so a prediction errs on the safe side).
+    """
+    deployed_classes = deployed_classes or num_classes
+    missing = [k for k in table_keys(space, deployed_classes) if k not in entries]
     if missing:
         raise ValueError(f"latency entries missing for {len(missing)} keys, e.g. {missing[:3]}")
     return {
@@ -404,8 +470,8 @@ def new_lut(target_name: str, target: LatencyTarget, protocol, space: SearchSpac
         "machine": {**machine_info(target), "loadavg_start": None, "loadavg_end": _loadavg()},
         "versions": versions(),
         "space": space.cfg.model_dump(mode="json"), "image_size": space.image_size, "num_classes": num_classes,
-        "seed": seed,
-        "fixed": {"stem": stem_key(space), "head": head_key(space, num_classes)},
+        "seed": seed, "deployed_classes": deployed_classes,
+        "fixed": {"stem": stem_key(space), "head": head_key(space, deployed_classes)},
         "entries": entries,
         "calibration": identity_calibration(space.n_units),
     }
@@ -422,9 +488,9 @@ def distinct_specs(space: SearchSpace) -> dict[str, BlockSpec]:
     return out
 
 
-def table_keys(space: SearchSpace, num_classes: int) -> list[str]:
+def table_keys(space: SearchSpace, head_classes: int) -> list[str]:
     """Every key a LUT for this space needs: the two fixed parts, then each distinct block context."""
-    return [stem_key(space), head_key(space, num_classes), *distinct_specs(space)]
+    return [stem_key(space), head_key(space, head_classes), *distinct_specs(space)]
 
 
 def sample_archs(space: SearchSpace, n_cal: int, n_held: int, seed: int) -> tuple[list[Arch], list[Arch]]:
@@ -455,10 +521,12 @@ def rel_errors(pred: list[float], meas: list[float]) -> dict:
 
 def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classes: int,
             progress: Callable[[str], None] = log, protocol=None, n_cal: int | None = None,
-            n_held: int | None = None) -> dict:
+            n_held: int | None = None, deployed_classes: int | None = None) -> dict:
     """Measure the LUT and whole subnets on this machine; fit and validate the calibration.
 
-    `protocol`, `n_cal`, `n_held` override the params (the benchmark measures more than the DAG).
+    Fixed parts and subnets are timed as exported (uint8 in, `deployed_classes`-way classifier,
+    logits and probs out; default: all `num_classes`). `protocol`, `n_cal`, `n_held` override the
+    params (the benchmark measures more than the DAG).
     Returns the LUT as a JSON-able dict (without provenance, which the stage adds).
     """
     target = get_target(cfg, target_name)
@@ -472,26 +540,27 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
     torch.manual_seed(cfg.seed)
     bs = target.batch_size
 
+    classes = deployed_classes or num_classes
     specs = distinct_specs(space)
     cal_archs, held_archs = sample_archs(space, n_cal, n_held, cfg.seed)
     fr, c = space.final_resolution, space.cfg
     with torch_threads(target.threads):
         items: dict[str, Callable[[], object]] = {
-            stem_key(space): runner.prepare(Stem(space), (bs, 3, space.image_size, space.image_size), gen),
-            head_key(space, num_classes): runner.prepare(Head(space, num_classes), (bs, c.widths[-1], fr, fr), gen)}
+            stem_key(space): runner.prepare(deployed_stem(space), image_shape(space, bs), gen, pixels=True),
+            head_key(space, classes): runner.prepare(deployed_head(space, classes), (bs, c.widths[-1], fr, fr), gen)}
         for key, s in specs.items():
             items[key] = runner.prepare(s.module(), s.input_shape(bs), gen)
         nets = {f"net:{a}": a for a in cal_archs + held_archs}
         for name, a in nets.items():
-            items[name] = runner.prepare(StaticNet(space, a, num_classes),
-                                         (bs, 3, space.image_size, space.image_size), gen)
+            items[name] = runner.prepare(deployed_net(space, a, classes), image_shape(space, bs), gen,
+                                         pixels=True)
         progress(f"profile-latency[{target_name}]: {len(specs)} blocks, 2 fixed parts, {len(nets)} subnets "
                  f"prepared in {time.perf_counter() - t_start:.1f}s")
         samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
                           lambda m: progress(f"profile-latency[{target_name}]: {m}"))
     stats = {k: _stats(v, protocol) for k, v in samples.items()}
     lut = new_lut(target_name, target, protocol, space, num_classes, cfg.seed,
-                  {k: v for k, v in stats.items() if not k.startswith("net:")})
+                  {k: v for k, v in stats.items() if not k.startswith("net:")}, classes)
     lut["machine"]["loadavg_start"] = load_start
     measured = {a: stats[f"net:{a}"]["ms"] for a in nets.values()}
     lut["calibration"] = fit_calibration(cfg.calibration, [raw_terms(lut, space, a) for a in cal_archs],
@@ -508,6 +577,39 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
 
 
 STATISTICS = ("median", "p10", "min")
+
+
+def measurable_here(target: LatencyTarget) -> bool:
+    """Whether an exported model file can be timed under this target's conditions by this process:
+    the exported artifact is ONNX, so only onnxruntime targets, on a device this machine has."""
+    if target.runtime != "onnxruntime":
+        return False
+    if target.device == "cpu":
+        return True
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def measure_deployed(target_name: str, target: LatencyTarget, protocol, onnx_files: dict[str, Path],
+                     image_size: int, progress: Callable[[str], None] = log) -> dict[str, dict]:
+    """Each exported ONNX file timed exactly as profile() times the LUT's calibration nets: the
+    target's session options, batch size and random uint8 pixels, interleaved rounds, the protocol's
+    statistic. {name: stats as in the LUT (ms = the statistic)}."""
+    if not measurable_here(target):
+        raise RuntimeError(f"latency target {target_name!r} ({target.runtime} on {target.device}) cannot time an "
+                           "exported ONNX file on this machine")
+    runner = OrtRunner(target)
+    gen = torch.Generator().manual_seed(0)
+    shape = (target.batch_size, image_size, image_size, 3)
+    items = {}
+    for name, path in onnx_files.items():
+        sess = runner.session(path)
+        feed = {sess.get_inputs()[0].name: _input(shape, gen, True).numpy()}
+        items[name] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
+    samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
+                      lambda m: progress(f"deployed latency[{target_name}]: {m}"))
+    return {name: _stats(calls, protocol) for name, calls in samples.items()}
 
 
 def _stats(calls: list[Call], protocol) -> dict:

@@ -137,16 +137,18 @@ def headline_section(stock: dict, retrains: list[dict], export: dict | None) -> 
                              for k in ("stock_madds", "stock_equal_cost", "stock_latency", "specialist")}
 
 
-def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
-    """The chosen (exported) networks' latency: predicted by each LUT of lut_dir, and measured.
+WITHIN = 0.05  # a deployed net's measured latency should be within 5% of its LUT prediction
 
-    The export stage times every model with onnxruntime on the CPU it runs on, at
-    export.latency_batch_sizes; that is a measurement of a LUT's target when the target is
-    onnxruntime on cpu at one of those batch sizes and the export ran on the target's machine (so
-    in `dvc repro` on one machine; in Kubeflow only when export is placed on the target's nodes).
-    The measured statistic is the LUT's own (min or median of the clean calls). The prediction uses
-    the LUT's head, profiled for all classes, where the exported net has one superclass's classes;
-    the difference is feature_channels x (classes dropped) MAdds in the last layer.
+
+def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
+    """The chosen (exported) networks' latency: predicted by each LUT of lut_dir, beside the exported
+    ONNX file timed by the export stage under the same target's conditions and protocol
+    (tailor.latency.measure_deployed: session options, batch size, interleaved rounds, statistic).
+
+    The LUT's fixed parts and calibration nets are the deployed form (uint8 input and normalisation,
+    the widest superclass's classifier, probs), so the prediction describes the served artifact.
+    Nets searched under a latency budget (budget_unit "ms") are also checked against budget + 5%.
+    Export measures the machine it runs on: the target's machine in `dvc repro` on one host.
     """
     from tailor.latency import latency_model, load_lut, lut_space
     from tailor.space import Arch
@@ -156,10 +158,8 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
     for path in luts:
         lut = load_lut(path)
         model = latency_model(lut)
-        t = lut["target"]
-        measured_here = t["runtime"] == "onnxruntime" and t["device"] == "cpu"
-        stat = lut["protocol"]["statistic"]
-        errs = []
+        t, name_t = lut["target"], lut["target_name"]
+        errs, over = [], []
         space = lut_space(lut)
         for name, m in export["models"].items():
             try:
@@ -167,27 +167,41 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
             except ValueError as err:
                 raise ValueError(f"{path}: does not describe exported model {name} ({err}); "
                                  "the LUT and the models come from different params") from None
-            detail = m.get("ort_cpu_latency_detail", {}).get(f"batch_{t['batch_size']}") if measured_here else None
-            measured = None if detail is None else (detail["min_ms"] if stat == "min" else detail["ms"])
+            meas = m.get("target_latency", {}).get(name_t)
+            measured = None if meas is None else meas["ms"]
             err = None if measured is None else (predicted - measured) / measured
+            budget_ms = float(m["budget"]) if m.get("budget_unit") == "ms" else None
             if err is not None:
-                errs.append(abs(err))
-            rows.append([name, m["arch"], lut["target_name"], f"{t['runtime']} {t['device']} {t['dtype']}, batch "
+                errs.append(err)
+                if budget_ms is not None and measured > budget_ms * (1 + WITHIN):
+                    over.append(name)
+            rows.append([name, m["arch"], name_t, f"{t['runtime']} {t['device']} {t['dtype']}, batch "
                          f"{t['batch_size']}, {t['threads']} threads", f"{predicted:.4f}",
                          "-" if measured is None else f"{measured:.4f}",
-                         "-" if err is None else f"{100 * err:+.1f}%"])
+                         "-" if err is None else f"{100 * err:+.1f}%",
+                         "-" if budget_ms is None else f"{budget_ms:.4f}"])
         if errs:
-            summary[lut["target_name"]] = {"median_abs_rel_err": round(statistics.median(errs), 4),
-                                           "models": len(errs)}
+            within = sum(abs(e) <= WITHIN for e in errs)
+            summary[name_t] = {"models": len(errs), "median_abs_rel_err": round(statistics.median(map(abs, errs)), 4),
+                               "max_abs_rel_err": round(max(map(abs, errs)), 4),
+                               "within_5pct": within, "share_within_5pct": round(within / len(errs), 4),
+                               "over_budget_plus_5pct": over}
     if not rows:
         return None
-    threads = export.get("intra_op_threads")
-    text = ["## Chosen networks: LUT-predicted vs measured latency",
-            "Predicted: the calibrated lookup table of each profiled target. Measured: the export stage's "
-            f"onnxruntime CPU timing of the exported ONNX (intra-op threads {threads or 'onnxruntime default'}), "
-            "in the LUT's statistic, shown only for onnxruntime-on-CPU targets at a batch size the export timed.",
-            "", _table(["Triton model", "arch", "target", "target conditions", "predicted ms", "measured ms",
-                        "error"], rows)]
+    text = ["## Chosen networks: LUT-predicted vs deployed latency",
+            "Predicted: the calibrated lookup table of each profiled target, whose fixed parts and calibration "
+            "nets are timed as exported (uint8 NHWC input and normalisation, the widest superclass's classifier, "
+            "logits and probs). Measured: the export stage's timing of each exported ONNX file under the same "
+            "target's session options, batch size and protocol (statistic "
+            f"{', '.join(sorted({load_lut(p)['protocol']['statistic'] for p in luts}))}), on the machine export "
+            "ran on; '-' where the target cannot run the file there.", "",
+            _table(["Triton model", "arch", "target", "target conditions", "predicted ms", "measured ms", "error",
+                    "budget ms"], rows)]
+    for name_t, v in summary.items():
+        text.append(f"- {name_t}: {v['within_5pct']} of {v['models']} deployed nets within +-5% of the prediction "
+                    f"(median |error| {100 * v['median_abs_rel_err']:.1f}%, max {100 * v['max_abs_rel_err']:.1f}%)"
+                    + (f"; over their latency budget + 5%: {', '.join(v['over_budget_plus_5pct'])}"
+                       if v["over_budget_plus_5pct"] else ""))
     return "\n".join(text), summary
 
 

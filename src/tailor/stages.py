@@ -242,8 +242,9 @@ def profile_latency(p: Params, data_dir: Path, out_dir: Path, metrics_path: Path
     meta = Meta.load(data_dir)
     space = SearchSpace(p.space, meta.image_size)
     metrics = {}
+    widest = max(len(meta.classes_of(i)) for i in range(len(meta.superclasses)))  # an exported net's classifier
     for name in names:
-        lut = latency.profile(p.latency, name, space, len(meta.classes))
+        lut = latency.profile(p.latency, name, space, len(meta.classes), deployed_classes=widest)
         lut.update(provenance(p, "profile-latency"))
         atomic_write_json(Path(out_dir) / f"{name}.json", lut)
         plot_predicted_vs_measured(lut, Path(out_dir) / f"{name}.png")
@@ -366,6 +367,24 @@ def _ort_latency(sess, images: np.ndarray, cfg) -> dict:
     return out
 
 
+def _deployed_latency(p: Params, onnx_files: dict[str, Path], image_size: int) -> dict[str, dict]:
+    """{model: {target: stats}}: every exported file timed under each profiled latency target that can
+    run it here (latency.measure_deployed), so the report sets the LUT's prediction beside the
+    deployed artifact measured the same way. Meaningful where export runs on the target's machine:
+    `dvc repro` on one machine; in Kubeflow only when export is placed on the target's nodes."""
+    from tailor import latency
+
+    out: dict[str, dict] = {name: {} for name in onnx_files}
+    for tname in p.latency.target:
+        target = latency.get_target(p.latency, tname)
+        if not latency.measurable_here(target):
+            continue
+        stats = latency.measure_deployed(tname, target, p.latency.protocol, onnx_files, image_size)
+        for name, st in stats.items():
+            out[name][tname] = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in st.items()}
+    return out
+
+
 def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | Path, metrics_path: Path,
            onnx_dir: Path | None = None, force: bool = False) -> dict:
     """Retrained scenario checkpoints -> ONNX + a Triton model repository (local dir or s3://bucket/prefix).
@@ -444,6 +463,9 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
             log(f"export {name}: parity {err:.2e}, onnxruntime top-1 {models[name]['onnx_test_top1']}, "
                 + ", ".join(f"{k} {v}ms" for k, v in models[name]["ort_cpu_latency_ms"].items()))
 
+        deployed = _deployed_latency(p, {n: staged_onnx / f"{n}.onnx" for n in models}, meta.image_size)
+        for name, by_target in deployed.items():
+            models[name]["target_latency"] = by_target
         metrics = {"repository": str(repo_out), "opset": cfg.opset, "parity_tolerance": cfg.parity_tolerance,
                    "max_parity_error": max(e["parity_max_abs"] for e in models.values()),
                    "intra_op_threads": cfg.intra_op_threads, "onnxruntime": onnxruntime.__version__,

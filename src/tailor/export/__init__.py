@@ -9,7 +9,7 @@ import importlib
 
 _SOURCES = {
     ".onnx_export": ["INPUT_NAME", "LOGITS_NAME", "PROBS_NAME", "OnnxSignature", "TensorSpec", "UInt8Classifier",
-                     "export_onnx", "parity", "read_signature"],
+                     "UInt8Input", "export_onnx", "parity", "read_signature"],
     ".s3": ["S3Error", "download_repository", "parse_s3_url", "s3_client", "triton_repository_url",
             "upload_repository"],
     ".settings": ["ExportConfig", "S3Config", "ServeConfig"],

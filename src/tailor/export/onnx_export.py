@@ -31,25 +31,41 @@ MEAN_KEY = "tailor.mean"
 STD_KEY = "tailor.std"
 
 
-class UInt8Classifier(nn.Module):
-    """uint8 NHWC pixels -> (logits, probs), wrapping a network that takes normalised float NCHW."""
+class UInt8Input(nn.Module):
+    """uint8 NHWC pixels -> normalised float NCHW: the preprocessing every exported graph starts with.
 
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+    A module of its own so that latency profiling (tailor.latency) times exactly this part as the
+    deployed graph runs it, inside the LUT's stem entry.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need 3 channels, got {len(mean)} and {len(std)}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {tuple(std)}")
-        self.model = model
         mean_t = torch.tensor(mean, dtype=torch.float32)
         std_t = torch.tensor(std, dtype=torch.float32)
         # (x/255 - mean)/std folded into one multiply-add per channel; shaped [1, 3, 1, 1].
         self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, 3, 1, 1))
         self.register_buffer("shift", (-mean_t / std_t).view(1, 3, 1, 1))
 
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # The buffers' dtype: fp32 as exported; bf16 when a CUDA latency target casts the module.
+        x = images.permute(0, 3, 1, 2).to(self.scale.dtype)  # [N, H, W, 3] -> [N, 3, H, W]
+        return x * self.scale + self.shift
+
+
+class UInt8Classifier(nn.Module):
+    """uint8 NHWC pixels -> (logits, probs), wrapping a network that takes normalised float NCHW."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.input = UInt8Input(mean, std)
+        self.model = model
+
     def forward(self, images: torch.Tensor):
-        x = images.permute(0, 3, 1, 2).to(torch.float32)  # [N, H, W, 3] -> [N, 3, H, W]
-        logits = self.model(x * self.scale + self.shift)  # [N, C]
+        logits = self.model(self.input(images))  # [N, C]
         return logits, torch.softmax(logits, dim=1)
 
 
