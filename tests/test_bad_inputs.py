@@ -283,3 +283,20 @@ def test_a_truncated_results_json_is_one_error_naming_it(tiny_run, tmp_path):
                 "--search-dir", tmp_path, "--out", tmp_path / "m.pt", "--metrics", tmp_path / "m.json",
                 "--work-dir", tmp_path / "w")
     assert_one_line_error(r, tmp_path / "results.json", "not valid JSON")
+
+
+def test_retrain_refuses_an_explicit_arch_over_its_budget(tiny_run, tmp_path):
+    from tailor.nets import StaticNet, count_madds
+    from tailor.space import SearchSpace
+
+    p = tiny_params()
+    space = SearchSpace(p.space, p.data.image_size)
+    arch = space.max_arch
+    madds = count_madds(StaticNet(space, arch, 6), p.data.image_size)  # counted on the module, not the cost table
+    budget = 300000
+    assert madds > budget
+    r = run_cli("retrain", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
+                "--supernet", tiny_run["supernet"], "--superclass", "sc0", "--budget", budget, "--arch", arch,
+                "--out", tmp_path / "m.pt", "--metrics", tmp_path / "m.json", "--work-dir", tmp_path / "w")
+    assert_one_line_error(r, arch, f"costs {madds:.6g} MAdds, over the scenario's budget {budget}")
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists() and not (tmp_path / "w").exists()

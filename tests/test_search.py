@@ -326,6 +326,26 @@ def test_batched_cost_gates_equal_the_decoded_architectures_costs(space):
         assert got == pytest.approx([model.cost(a) for a in archs], rel=1e-12)
 
 
+def test_the_generators_gates_cost_what_their_networks_count(space):
+    """cost_of (every place the generator prices its gates: budget term, redraw screening, curve) against
+    multiply-adds counted with hooks on the decoded network: a kernel / expand mix-up or a wrong level
+    shows here, whatever the table says of itself."""
+    from tailor.nets import StaticNet, count_madds
+    from tailor.supernet import Gates
+
+    gen = torch.Generator().manual_seed(1)
+    g = ArchGenerator(space, 3, 1.0, 2.0, 8, 16, 4)
+    with torch.no_grad():
+        _, gates = g(torch.tensor([0, 1, 2] * 4), torch.full((12,), 1.5), bernoulli_sampler(gen))
+    archs = decode(space, *gates)
+    assert len({str(a) for a in archs}) > 6  # varied kernels and expands, not one architecture
+    model = madds_cost_model(space, 6)
+    counted = [count_madds(StaticNet(space, a, 6), space.image_size) for a in archs]
+    assert model.cost_of([v.double() for v in gates]).tolist() == counted
+    one = Gates(*(v[0].double() for v in gates))
+    assert float(model.cost_of(one)) == counted[0]
+
+
 def test_evaluator_scores_one_superclass_as_the_full_pass_does(tiny_run):
     from tailor.search.common import Evaluator
 

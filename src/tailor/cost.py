@@ -41,6 +41,12 @@ class SlotCostModel:
                 total += row[j][self._k[k]][self._e[e]]
         return self.scale * total + self.offset
 
+    def cost_of(self, gates) -> torch.Tensor:
+        """cost_gates of a supernet.Gates (or a (depth, kernel, expand) sequence): the one place a
+        generator's gates meet the table, so their order cannot be mixed up at a call site."""
+        depth, kernel, expand = (gates.depth, gates.kernel, gates.expand) if hasattr(gates, "depth") else gates
+        return self.cost_gates(depth, kernel, expand)
+
     def cost_gates(self, depth: torch.Tensor, kernel: torch.Tensor, expand: torch.Tensor) -> torch.Tensor:
         """Differentiable cost of (relaxed) nested gates, shapes as in supernet.Gates, optionally with
         leading batch dimensions (M architectures at once -> (M,) costs).

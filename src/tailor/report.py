@@ -170,7 +170,8 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
             meas = m.get("target_latency", {}).get(name_t)
             measured = None if meas is None else meas["ms"]
             err = None if measured is None else (predicted - measured) / measured
-            budget_ms = float(m["budget"]) if m.get("budget_unit") == "ms" else None
+            # budget_abs: a fraction budget resolved to ms (absent in files from before it was recorded)
+            budget_ms = float(m.get("budget_abs") or m["budget"]) if m.get("budget_unit") == "ms" else None
             if err is not None:
                 errs.append(err)
                 if budget_ms is not None and measured > budget_ms * (1 + WITHIN):

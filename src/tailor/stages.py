@@ -145,6 +145,26 @@ def load_specialized(path: Path, device: torch.device | str = "cpu"):
     return net.to(device).eval(), ck
 
 
+def within_budget(p: Params, ctx: Context, arch: Arch, budget: float) -> tuple[float, float]:
+    """(the budget in search.cost's unit, the arch's cost in it); refuses an arch over its budget.
+
+    A searched arch is within by construction; an explicit one (--arch, retrain.scenarios) is checked
+    here with the cost model the search uses, so a deployed net never silently breaks its budget.
+    """
+    from tailor.search.common import SearchError, make_cost_model
+
+    model = make_cost_model(p.search.cost, ctx.space, ctx.num_classes)
+    absolute = budget
+    if p.search.budgets.kind == "fraction":  # as the search resolved it
+        low, high = model.low_high
+        absolute = low + budget * (high - low)
+    cost = model.cost(arch)
+    if cost > absolute and not same_budget(cost, absolute):
+        raise SearchError(f"architecture {arch} costs {cost:.6g} {model.unit}, over the scenario's budget "
+                          f"{absolute:.6g} {model.unit}" + (f" (fraction {budget:g})" if absolute != budget else ""))
+    return absolute, cost
+
+
 def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, budget: float, arch: Arch,
             out_path: Path, metrics_path: Path, work_dir: Path) -> dict:
     """Train the network of one scenario for its superclass only (classifier = that superclass's classes).
@@ -159,6 +179,7 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
     ctx = Context(p, data_dir)
     ctx.space.validate(arch)
     sc = ctx.meta.superclass_index(superclass)
+    budget_abs, cost = within_budget(p, ctx, arch, budget)
     classes = ctx.meta.classes_of(sc)
     torch.manual_seed(p.seed)
     if cfg.init == "inherit":
@@ -211,7 +232,8 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
     with autocast(ctx.device, p.runtime):
         val = evaluate(specialised, ctx.batches("val"), ctx.meta, classes=classes)
         test = evaluate(specialised, ctx.batches("test"), ctx.meta, classes=classes, per_image=True)
-    metrics = {"superclass": superclass, "budget": budget, "budget_unit": budget_unit(p), "arch": str(arch),
+    metrics = {"superclass": superclass, "budget": budget, "budget_unit": budget_unit(p), "budget_abs": budget_abs,
+               "cost": cost, "arch": str(arch),
                "madds": ctx.space.madds(arch, len(classes)), "init": cfg.init, "data": cfg.data,
                "epochs": cfg.epochs, "train_seconds": round(res.seconds, 1), "device": str(ctx.device),
                "val_top1": val["sc_top1_mean"], "test_top1": test["sc_top1_mean"],
@@ -452,7 +474,7 @@ def export(p: Params, model_paths: list[Path], data_dir: Path, repo_out: str | P
             lat = _ort_latency(sess, images, cfg)
             models[name] = {
                 "checkpoint": str(path), "superclass": ck["superclass"], "budget": ck["budget"], "budget_unit": unit,
-                "arch": ck["arch"], "madds": m.get("madds"), "classes": len(ck["classes"]),
+                "budget_abs": m.get("budget_abs"), "arch": ck["arch"], "madds": m.get("madds"), "classes": len(ck["classes"]),
                 "parity_max_abs": err, "parity_images": int(len(pick)), "parity_ok": err <= cfg.parity_tolerance,
                 "test_top1": m.get("test_top1"),
                 "onnx_test_top1": round(_ort_top1(sess, images, targets, cfg.max_batch_size), 5),

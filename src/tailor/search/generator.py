@@ -286,7 +286,7 @@ def heldout_point(gen_model: "ArchGenerator", setup, data: _Data, cfg: Generator
         ce += float(F.cross_entropy(out, y, reduction="sum"))
         acc += float((out.argmax(1) == y).sum())
         n_img += len(y)
-        gap += abs(float(setup.cost.cost_gates(gates.depth, gates.kernel, gates.expand)) - b) / b
+        gap += abs(float(setup.cost.cost_of(gates)) - b) / b
     return {"heldout_ce": round(ce / n_img, 5), "heldout_acc": round(acc / n_img, 5),
             "mode_abs_gap": round(gap / len(scs), 5)}
 
@@ -335,7 +335,7 @@ def train_generator(setup, cfg: GeneratorConfig, seed: int, log_every: int = 0) 
             gates = Gates(g[0][m], g[1][m], g[2][m])
             logits = _gated_logits(supernet, data, cfg, gates, data.images(data.val, rows), rng)
             ce = F.cross_entropy(logits[:, data.classes[t]], data.labels(rows))
-            r = cost.cost_gates(gates.depth, gates.kernel, gates.expand)
+            r = cost.cost_of(gates)
             bt = budget_term(r, b, low, high, cfg.budget_norm)
             loss = loss + (ce + cfg.budget_weight * bt) / len(scs)
             acc["ce"] += ce.item() / len(scs)
@@ -394,12 +394,12 @@ def propose(gen_model: ArchGenerator, space: SearchSpace, cost: SlotCostModel, s
         idx = torch.tensor(need, device=dev)
         _, g = gen_model(sc[idx], budgets[idx], mode_decider if rnd == 0 else bernoulli_sampler(rng))
         g = [v.cpu() for v in g]
-        over = torch.nonzero(cost.cost_gates(*(v.double() for v in g)) > limit[idx.cpu()]).flatten()
+        over = torch.nonzero(cost.cost_of([v.double() for v in g]) > limit[idx.cpu()]).flatten()
         if len(over) and redraws:
             rep = idx[over.to(dev)].repeat_interleave(redraws)
             _, g2 = gen_model(sc[rep], budgets[rep], bernoulli_sampler(rng))
             g2 = [v.cpu() for v in g2]
-            fits = (cost.cost_gates(*(v.double() for v in g2)) <= limit[rep.cpu()]).view(len(over), redraws)
+            fits = (cost.cost_of([v.double() for v in g2]) <= limit[rep.cpu()]).view(len(over), redraws)
             # The first redraw that fits, else the last one (snapping brings it within budget).
             pick = torch.where(fits.any(1), fits.float().argmax(1), torch.full((len(over),), redraws - 1))
             rows = torch.arange(len(over)) * redraws + pick
