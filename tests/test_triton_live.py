@@ -33,7 +33,7 @@ from tailor.serve import (
     evaluate,
     load_model,
     override_config,
-    serve_check,
+    check_model as serve_check,
     unload_model,
     wait_server_ready,
 )

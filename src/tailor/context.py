@@ -100,3 +100,24 @@ def _summary(evals: dict) -> dict:
                    "test_images_per_s": e["test"]["images_per_s"], "test_sc_top1": e["test"]["sc_top1"],
                    **({"test_correct": e["test_correct"]} if "test_correct" in e else {})}
             for name, e in evals.items()}
+
+
+# ---------------------------------------------------------------- specialised (retrained) models
+def save_specialized(path: Path, net: torch.nn.Module, ctx: Context, p: Params, arch: Arch, superclass: str,
+                     budget: float, classes: list[int], extra: dict) -> None:
+    atomic_torch_save({"state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "arch": str(arch),
+                       "superclass": superclass, "budget": budget, "classes": classes,
+                       "class_names": [ctx.meta.classes[c] for c in classes], "image_size": ctx.meta.image_size,
+                       "mean": ctx.meta.mean, "std": ctx.meta.std, **provenance(p, "retrain"), **extra}, path)
+
+
+def load_specialized(path: Path, device: torch.device | str = "cpu"):
+    """(StaticNet for one superclass's classes, its checkpoint dict)."""
+    from tailor.config import SpaceConfig
+    from tailor.nets import StaticNet
+
+    ck = load_checkpoint(path, "specialised model", ("params", "image_size", "arch", "classes", "state_dict"))
+    space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
+    net = StaticNet(space, Arch.parse(ck["arch"]), len(ck["classes"]))
+    load_state(net, ck["state_dict"], path, "specialised model")
+    return net.to(device).eval(), ck

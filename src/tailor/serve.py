@@ -12,13 +12,18 @@ import json
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tailor import data as datamod
+from tailor.config import Params
+from tailor.data import Meta
 from tailor.export.onnx_export import INPUT_NAME, LOGITS_NAME, PROBS_NAME
 from tailor.export.settings import ServeConfig
 from tailor.export.triton import config_from_json, config_to_json, mc
+from tailor.utils import atomic_write_json, log
 
 POLL_S = 0.1
 
@@ -304,7 +309,7 @@ def measure_latency(
 
 
 # ---------------------------------------------------------------- the check
-def serve_check(
+def check_model(
     urls: Mapping[str, str],
     name: str,
     images: np.ndarray,
@@ -401,3 +406,145 @@ def _check_protocol(protocol, url, name, images, targets, offline_accuracy, cfg,
                 m["unload_error"] = f"{type(e).__name__}: {e}"
             raise
         m["unload_s"] = unload_model(control, name, cfg.load_timeout_s)
+
+
+# ---------------------------------------------------------------- the serve-check stage
+def _host_port(url: str, option: str) -> str:
+    """tritonclient's 'host:port' from 'http://host:port', 'grpc://host:port' or 'host:port'."""
+    from urllib.parse import urlparse
+
+    text = url if "://" in url else f"tcp://{url}"
+    u = urlparse(text)
+    if u.scheme not in ("http", "grpc", "tcp") or not u.hostname or not u.port or u.path not in ("", "/"):
+        raise ValueError(f"{option} {url!r}: expected host:port or http://host:port (TLS is not supported)")
+    return f"{u.hostname}:{u.port}"
+
+
+def _repository_models(repo: Path) -> list[Path]:
+    dirs = sorted(d for d in repo.iterdir() if d.is_dir() and not d.name.startswith(".") and (d / "config.pbtxt").is_file())
+    if not dirs:
+        raise FileNotFoundError(f"{repo}: no models (no <model>/config.pbtxt); run `tailor export` first")
+    return dirs
+
+
+def serve_check(p: Params, repo: str | Path, data_dir: Path, metrics_path: Path, url: str | None = None,
+                grpc_url: str | None = None, work_dir: Path | None = None) -> dict:
+    """Check that Triton serves the exported repository as exported: accuracy, labels, latency.
+
+    With `url` (HTTP) and/or `grpc_url`, a running Triton that serves `repo` is checked over the
+    protocols of serve.protocols that have a URL. Without either, the nvidia-pytriton wheel's
+    tritonserver is started on 127.0.0.1 (free ports, explicit model control) over the
+    python-backend twins of the repository's models (see docs/serving.md). Per model: load, the
+    served config against the exported one, the superclass's real test images (top-1 against the
+    same model.onnx run by onnxruntime here on the same images, and the served labels), latency
+    percentiles and throughput per concurrency, unload. The metrics are written also when the
+    check fails; then ServeCheckError is raised.
+    """
+    import tempfile
+
+    from tailor.export import python_backend_twin, read_config, read_signature
+    from tailor.export.onnx_export import ort_session
+    from tailor.export.stage import _ort_top1, _superclass_test
+
+    cfg = p.serve
+    urls = {k: _host_port(v, opt) for k, v, opt in (("http", url, "--url"), ("grpc", grpc_url, "--grpc-url")) if v}
+    protocols = [pr for pr in cfg.protocols if pr in urls] if urls else list(cfg.protocols)
+    if urls and not protocols:
+        raise ValueError(f"serve.protocols is {cfg.protocols}, but URLs were given only for {sorted(urls)}")
+    t0 = time.perf_counter()
+    meta = Meta.load(data_dir)
+    x_test, y_test = datamod.load_split(data_dir, "test")
+    metrics: dict = {"repository": str(repo), "protocols": protocols, "models": {}, "problems": []}
+    problems = metrics["problems"]
+    with tempfile.TemporaryDirectory(prefix="tailor-serve-check-", dir=work_dir) as tmp:
+        tmp = Path(tmp)
+        repo_dir = Path(repo)
+        if str(repo).startswith("s3://"):
+            from tailor.export import download_repository, s3_client
+
+            repo_dir = tmp / "repository"
+            download_repository(str(repo), repo_dir, s3_client(p.export.s3))
+        elif not repo_dir.is_dir():
+            raise FileNotFoundError(f"{repo}: no such model repository (run `tailor export` first)")
+        # Everything about each model comes from the repository itself (ONNX metadata, labels.txt),
+        # and its images from the data: a repository that does not match the data is refused here.
+        plan = {}
+        for model_dir in _repository_models(repo_dir):
+            onnx_path = model_dir / "1" / "model.onnx"
+            info = read_signature(onnx_path).metadata
+            if "superclass" not in info:
+                raise ValueError(f"{onnx_path}: no 'superclass' in its metadata; was it written by `tailor export`?")
+            labels = (model_dir / "labels.txt").read_text().splitlines()
+            images, targets = _superclass_test(meta, x_test, y_test, info["superclass"], labels, str(model_dir))
+            if len(images) > cfg.max_images:  # a seeded sample over all classes, not the first classes only
+                keep = np.sort(np.random.default_rng(p.seed).permutation(len(images))[:cfg.max_images])
+                images, targets = images[keep], targets[keep]
+            offline = _ort_top1(ort_session(onnx_path), images, targets, cfg.batch_size)
+            test_top1 = info.get("test_top1")
+            plan[model_dir.name] = dict(dir=model_dir, labels=labels, images=images, targets=targets, offline=offline,
+                                        superclass=info["superclass"],
+                                        retrain_test_top1=None if test_top1 in (None, "None") else float(test_top1))
+
+        server = None
+        try:
+            if urls:
+                metrics["server"] = {"mode": "external", "urls": urls}
+            else:
+                from tailor.serve_local import TritonServer
+
+                twins = tmp / "twins"
+                for entry in plan.values():
+                    python_backend_twin(entry["dir"], twins)
+                server = TritonServer(str(twins), tmp / "server")
+                urls = server.urls
+                metrics["server"] = {"mode": "bundled tritonserver (nvidia-pytriton), python-backend twins",
+                                     "urls": urls}
+            metrics["server"]["version"] = _server_version(urls)
+            run_cfg = cfg.model_copy(update={"protocols": protocols})
+            for name, entry in plan.items():
+                m = {"superclass": entry["superclass"], "images": int(len(entry["images"])),
+                     "offline_source": "the repository's model.onnx, onnxruntime CPU, same images",
+                     "retrain_test_top1": entry["retrain_test_top1"]}
+                try:
+                    m.update(check_model(urls, name, entry["images"], entry["targets"], entry["offline"], run_cfg,
+                                         class_names=entry["labels"], expected_config=read_config(entry["dir"])))
+                except ServeCheckError as e:
+                    m.update(e.metrics)
+                    problems.append(str(e))
+                m["latency_summary"] = {
+                    pr: {f"c{lv['concurrency']}": {k: lv[k] for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_img_per_s")}
+                         for lv in pm.get("latency", [])}
+                    for pr, pm in m.get("protocols", {}).items()}
+                metrics["models"][name] = m
+                log(f"serve-check {name}: " + ", ".join(
+                    f"{pr} top-1 {pm.get('accuracy')} (offline {entry['offline']:.4f})"
+                    for pr, pm in m.get("protocols", {}).items()))
+        except Exception as e:  # the server would not start, died, ...: still write what is known
+            problems.append(f"{type(e).__name__}: {e}")
+        finally:
+            if server is not None:
+                if problems:
+                    metrics["server"]["log_tail"] = server.log_tail(3000)
+                server.stop()
+    metrics["passed"] = not problems
+    metrics["seconds"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(metrics_path, metrics)
+    if problems:
+        raise ServeCheckError("; ".join(problems), metrics)
+    log(f"serve-check: {len(plan)} model(s) passed over {', '.join(protocols)}")
+    return metrics
+
+
+def _server_version(urls: dict[str, str]) -> str | None:
+    try:
+        if "http" in urls:
+            import tritonclient.http as client
+
+            with client.InferenceServerClient(urls["http"], connection_timeout=10, network_timeout=10) as c:
+                return c.get_server_metadata().get("version")
+        import tritonclient.grpc as client
+
+        with client.InferenceServerClient(urls["grpc"]) as c:
+            return c.get_server_metadata(as_json=True, client_timeout=10).get("version")
+    except Exception:  # noqa: BLE001  (informational; readiness is checked by serve-check itself)
+        return None
