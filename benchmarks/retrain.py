@@ -1,11 +1,11 @@
-"""Retraining choices measured: init (inherit / scratch), data (superclass / all), epochs.
+"""Retraining choices measured: init (inherit / scratch), data (superclass / all), epochs, learning rate.
 
     .venv/bin/python benchmarks/retrain.py --preset configs/tin-sc10-cpu.yaml --work runs/tin-cpu \\
         --scenarios 10 --variant inherit,superclass,3 --variant scratch,superclass,3 ...
 
 Needs a finished `benchmarks/dag.py` workspace (--work): its prepared data, supernet and search
 results. Retrains the first --scenarios scenarios of the preset's retrain grid under every
---variant (init,data,epochs) with the same stage function as the DAG (tailor.stages.retrain, in
+--variant (init,data,epochs[,lr]; lr default: the preset's retrain.optim.lr) with the same stage function as the DAG (tailor.stages.retrain, in
 --work/retrain-bench/), and compares each variant with the first one on the same test images:
 mean test top-1 and the paired difference with a 95% bootstrap CI (tailor.stats).
 
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     ap.add_argument("--work", required=True, help="a benchmarks/dag.py workspace")
     ap.add_argument("--name", default=None)
     ap.add_argument("--scenarios", type=int, default=10, help="how many scenarios of the retrain grid")
-    ap.add_argument("--variant", action="append", required=True, help="init,data,epochs (the first is the reference)")
+    ap.add_argument("--variant", action="append", required=True, help="init,data,epochs[,lr] (the first is the reference)")
     args = ap.parse_args(argv)
 
     from tailor import stages
@@ -47,12 +47,14 @@ def main(argv=None) -> None:
     scenarios = stages.retrain_scenarios(base, Meta.load(data))[:args.scenarios]
     variants = []
     for v in args.variant:
-        init, what, epochs = v.split(",")
-        variants.append({"init": init, "data": what, "epochs": int(epochs)})
+        init, what, epochs, *lr = v.split(",")
+        variants.append({"init": init, "data": what, "epochs": int(epochs),
+                         "optim": {"lr": float(lr[0]) if lr else base.retrain.optim.lr}})
     results = []
     for v in variants:
         p = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset], {"retrain": v})
-        tag = f"{v['init']}-{v['data']}-{v['epochs']}"
+        tag = f"{v['init']}-{v['data']}-{v['epochs']}" + ("" if v["optim"]["lr"] == base.retrain.optim.lr
+                                                          else f"-lr{v['optim']['lr']:g}")
         rows, t0 = [], time.perf_counter()
         for sc, budget in scenarios:
             sid = stages.scenario_id(sc, budget)
@@ -85,10 +87,11 @@ def main(argv=None) -> None:
              f"({', '.join(res['scenarios'])}), the architectures the DAG's search chose, test top-1 over each "
              "scenario's superclass. Difference: against the first variant, paired over the same test images, "
              "95% bootstrap CI.", "",
-             "| init | data | epochs | mean test top-1 | vs first (pts) | retrain s (all scenarios) |", "|---|---|---|---|---|---|"]
+             "| init | data | epochs | lr | mean test top-1 | vs first (pts) | retrain s (all scenarios) |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         c = r["vs_first"]
-        lines.append(f"| {r['init']} | {r['data']} | {r['epochs']} | {100 * r['mean_test_top1']:.1f}% | "
+        lines.append(f"| {r['init']} | {r['data']} | {r['epochs']} | {r['optim']['lr']:g} | {100 * r['mean_test_top1']:.1f}% | "
                      f"{100 * c['diff']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}] | {r['train_seconds']} |")
     upsert_section(RESULTS_MD, f"Retrain choices: {name}", "\n".join(lines))
     print("\n".join(lines))

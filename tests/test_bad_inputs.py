@@ -196,16 +196,6 @@ def test_a_superclass_of_one_class_is_rejected_by_name():
         check_superclass_map({"pair": ["a", "b"], "solo": ["c"]}, ["a", "b", "c"], "map.yaml")
 
 
-@pytest.mark.parametrize("budget", ["nan", "-5", "0", "inf"])
-def test_retrain_rejects_a_budget_that_is_not_one(tiny_run, tmp_path, budget):
-    r = run_cli("retrain", "--params", ROOT / "params.yaml", "--preset", TINY, "--data", tiny_run["data"],
-                "--supernet", tiny_run["supernet"], "--superclass", "sc0", "--budget", budget,
-                "--arch", tiny_params().retrain.scenarios[0].arch, "--out", tmp_path / "m.pt",
-                "--metrics", tmp_path / "m.json", "--work-dir", tmp_path / "w")
-    assert r.returncode == 2 and "--budget" in r.stderr and "Traceback" not in r.stderr, r.stderr[-1500:]
-    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists()
-
-
 def test_retrain_scenarios_outside_the_search_grid_fail_when_params_load():
     from tailor.config import ParamsError
 
@@ -300,3 +290,162 @@ def test_retrain_refuses_an_explicit_arch_over_its_budget(tiny_run, tmp_path):
                 "--out", tmp_path / "m.pt", "--metrics", tmp_path / "m.json", "--work-dir", tmp_path / "w")
     assert_one_line_error(r, arch, f"costs {madds:.6g} MAdds, over the scenario's budget {budget}")
     assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.json").exists() and not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- the CLI table: every bad input above, end to end
+def _tree(root: Path, classes=("a", "b", "c", "d")) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (10 * i, 0, 0)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def _overlay(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _imagefolder_overlay(t, mapping_text: str) -> tuple[Path, Path]:
+    tree = _tree(t["tmp"] / "tree")
+    m = _overlay(t["tmp"] / "map.yaml", mapping_text)
+    return _overlay(t["tmp"] / "data.yaml", f"data: {{source: imagefolder, path: {tree}, superclass_map: {m}}}\n"
+                                             f"retrain: {{scenarios: [{{superclass: null, budget: 300000, arch: {t['arch']}}}]}}\n"), m
+
+
+def _c_prepare_onto_a_file(t):
+    return ["prepare-data", *t["base"], "--out", t["out"] / "earlier.txt", "--metrics", t["out"] / "m.json"], \
+        [t["out"] / "earlier.txt"]
+
+
+def _c_map_not_yaml(t):
+    ov, m = _imagefolder_overlay(t, "dogs: [a, b\ncats: c]\n")
+    return ["prepare-data", *t["base"], "--preset", ov, "--out", t["out"] / "d", "--metrics", t["out"] / "m.json"], \
+        [m, "not valid YAML"]
+
+
+def _c_superclass_of_one(t):
+    ov, _ = _imagefolder_overlay(t, "pair: [a, b, c]\nsolo: [d]\n")
+    return ["prepare-data", *t["base"], "--preset", ov, "--out", t["out"] / "d", "--metrics", t["out"] / "m.json"], \
+        ["'solo'", "one class"]
+
+
+def _c_overlay_unknown_key(t):
+    ov = _overlay(t["tmp"] / "mine.yaml", "supernet:\n  colour: red\n")
+    return ["search-random", *t["base"], "--preset", ov, "--data", t["data"], "--supernet", t["supernet"],
+            "--out", t["out"] / "r.json"], ["supernet.colour", ov]
+
+
+def _c_scenario_outside_grid(t):
+    ov = _overlay(t["tmp"] / "grid.yaml", "retrain: {scenarios: [{superclass: sc0, budget: 12345, arch: null}]}\n")
+    return ["search-random", *t["base"], "--preset", ov, "--data", t["data"], "--supernet", t["supernet"],
+            "--out", t["out"] / "r.json"], ["retrain.scenarios[0].budget", "12345"]
+
+
+def _c_params_missing(t):
+    missing = t["tmp"] / "no-params.yaml"
+    return ["search-random", "--params", missing, "--data", t["data"], "--supernet", t["supernet"],
+            "--out", t["out"] / "r.json"], [missing]
+
+
+def _c_preset_missing(t):
+    missing = t["tmp"] / "no-preset.yaml"
+    return ["search-random", *t["base"], "--preset", missing, "--data", t["data"], "--supernet", t["supernet"],
+            "--out", t["out"] / "r.json"], [missing]
+
+
+def _retrain(t, *extra, supernet=None):
+    return ["retrain", *t["base"], "--data", t["data"], "--supernet", supernet or t["supernet"],
+            "--out", t["out"] / "m.pt", "--metrics", t["out"] / "m.json", "--work-dir", t["out"] / "w", *extra]
+
+
+def _c_unknown_superclass(t):
+    return _retrain(t, "--superclass", "nope", "--budget", "300000", "--arch", t["arch"]), ["'nope'", "superclass"]
+
+
+def _c_malformed_arch(t):
+    return _retrain(t, "--superclass", "sc0", "--budget", "300000", "--arch", "k3e3.k9e9"), ["k3e3.k9e9"]
+
+
+def _c_retrain_supernet_of_another_space(t):
+    bad = t["bad"]["other_teacher"]
+    return _retrain(t, "--superclass", "sc0", "--budget", "300000", "--arch", t["arch"], supernet=bad), [bad]
+
+
+def _c_search_supernet_of_another_space(t):
+    bad = t["bad"]["other_teacher"]
+    return ["search-random", *t["base"], "--data", t["data"], "--supernet", bad, "--out", t["out"] / "r.json"], [bad]
+
+
+def _c_supernet_missing(t):
+    missing = t["tmp"] / "absent.pt"
+    return ["search-random", *t["base"], "--data", t["data"], "--supernet", missing, "--out", t["out"] / "r.json"], \
+        [missing]
+
+
+def _c_damaged_split(t):
+    import shutil
+
+    d = t["tmp"] / "data"
+    shutil.copytree(t["data"], d)
+    x = d / "val" / "x.npy"
+    x.write_bytes(x.read_bytes()[:200])
+    return ["search-random", *t["base"], "--data", d, "--supernet", t["supernet"], "--out", t["out"] / "r.json"], [x]
+
+
+def _c_truncated_teacher(t):
+    return ["train-supernet", *t["base"], "--data", t["data"], "--teacher", t["bad"]["truncated"],
+            "--out", t["out"] / "s.pt", "--metrics", t["out"] / "s.json", "--work-dir", t["out"] / "w"], \
+        [t["bad"]["truncated"]]
+
+
+def _c_serve_check_bad_port(t):
+    return ["serve-check", *t["base"], "--repo", t["tmp"], "--data", t["data"], "--metrics", t["out"] / "s.json",
+            "--url", "127.0.0.1:99999"], ["--url", "99999"]
+
+
+def _c_export_bad_s3_url(t):
+    return ["export", *t["base"], "--data", t["data"], "--models", t["supernet"], "--repo", "s3://",
+            "--onnx-dir", t["out"] / "onnx", "--metrics", t["out"] / "e.json"], ["s3://"]
+
+
+def _c_export_missing_model(t):
+    missing = t["tmp"] / "absent.pt"
+    return ["export", *t["base"], "--data", t["data"], "--models", missing, "--repo", t["out"] / "triton",
+            "--onnx-dir", t["out"] / "onnx", "--metrics", t["out"] / "e.json"], [missing]
+
+
+def _c_budget(value):
+    def case(t):
+        return _retrain(t, "--superclass", "sc0", "--budget", value, "--arch", t["arch"]), ["--budget", value]
+    case.__name__ = f"_c_budget_{value.replace('-', 'minus')}"
+    return case
+
+
+def _c_export_onto_a_user_dir(t):
+    return ["export", *t["base"], "--data", t["data"], "--models", t["supernet"], "--repo", t["out"],
+            "--onnx-dir", t["tmp"] / "onnx", "--metrics", t["tmp"] / "e.json"], [t["out"], "--force"]
+
+
+CLI_CASES = [(f.__name__[3:], f) for f in (
+    _c_prepare_onto_a_file, _c_map_not_yaml, _c_superclass_of_one, _c_overlay_unknown_key, _c_scenario_outside_grid,
+    _c_params_missing, _c_preset_missing, _c_unknown_superclass, _c_malformed_arch,
+    _c_retrain_supernet_of_another_space, _c_search_supernet_of_another_space, _c_supernet_missing, _c_damaged_split,
+    _c_truncated_teacher, _c_serve_check_bad_port, _c_export_bad_s3_url, _c_export_missing_model,
+    _c_export_onto_a_user_dir, *(_c_budget(v) for v in ("nan", "-5", "0", "inf")))]
+
+
+@pytest.mark.parametrize("case", [f for _, f in CLI_CASES], ids=[n for n, _ in CLI_CASES])
+def test_cli_bad_input_is_one_line_naming_it(tiny_run, bad_files, tmp_path, case):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "earlier.txt").write_text("kept")
+    t = {"tmp": tmp_path, "out": out, "bad": bad_files, "data": tiny_run["data"], "supernet": tiny_run["supernet"],
+         "base": ["--params", ROOT / "params.yaml", "--preset", TINY], "arch": tiny_params().retrain.scenarios[0].arch}
+    argv, culprits = case(t)
+    assert_one_line_error(run_cli(*argv), *culprits)
+    assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"], "a failed stage wrote outputs"
+    assert (out / "earlier.txt").read_text() == "kept"

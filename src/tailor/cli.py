@@ -161,7 +161,7 @@ def retrain(superclass: Annotated[str, typer.Option(help="the scenario's supercl
 
     p = _params(params, preset)
     if not math.isfinite(budget) or budget <= 0:
-        raise typer.BadParameter(f"{budget} is not a budget: it must be a finite number > 0", param_hint="--budget")
+        raise ValueError(f"--budget {budget}: not a budget; it must be a finite number > 0")
     sid = stages.scenario_id(superclass, budget)
     chosen = Arch.parse(arch) if arch else stages.choose_arch(p, search_dir, superclass, budget)
     stages.retrain(p, data, supernet, superclass, budget, chosen, out or Path(f"retrain/{sid}/model.pt"),

@@ -15,7 +15,7 @@ from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.train import autocast, evaluate, resolve_device, split_by_superclass
-from tailor.utils import atomic_torch_save, code_version, load_checkpoint, load_state
+from tailor.utils import CheckpointError, atomic_torch_save, code_version, load_checkpoint, load_state
 
 
 def provenance(p: Params, stage: str) -> dict:
@@ -82,11 +82,19 @@ def save_supernet(path: Path, model: SuperNet, ctx: Context, p: Params, stage: s
                        "meta": ctx.meta.__dict__, **provenance(p, stage), **extra}, path)
 
 
-def load_supernet(path: Path, device: torch.device | str = "cpu") -> tuple[SuperNet, dict]:
-    """A SuperNet rebuilt from its checkpoint's own recorded space config."""
+def load_supernet(path: Path, device: torch.device | str = "cpu", ctx: "Context | None" = None) -> tuple[SuperNet, dict]:
+    """A SuperNet rebuilt from its checkpoint's own recorded space config. With `ctx`, one that was
+    trained for another space, image size or class count than ctx's params and data is refused in
+    one line (its weights would otherwise be read into the wrong network, or silently used)."""
     from tailor.config import SpaceConfig
 
     ck = load_checkpoint(path, "supernet", ("params", "image_size", "num_classes", "state_dict"))
+    if ctx is not None:
+        if ck["params"]["space"] != ctx.p.space.model_dump(mode="json") or ck["image_size"] != ctx.meta.image_size:
+            raise CheckpointError(f"supernet {path}: trained for another search space or image size than params.space"
+                                  f" / {ctx.data_dir}; re-run train-supernet")
+        if ck["num_classes"] != ctx.num_classes:
+            raise CheckpointError(f"supernet {path}: {ck['num_classes']} classes, {ctx.data_dir} has {ctx.num_classes}")
     space = SearchSpace(SpaceConfig.model_validate(ck["params"]["space"]), ck["image_size"])
     net = SuperNet(space, ck["num_classes"], els=any(k.startswith("els.") for k in ck["state_dict"]))
     load_state(net, ck["state_dict"], path, "supernet")

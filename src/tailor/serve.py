@@ -415,7 +415,11 @@ def _host_port(url: str, option: str) -> str:
 
     text = url if "://" in url else f"tcp://{url}"
     u = urlparse(text)
-    if u.scheme not in ("http", "grpc", "tcp") or not u.hostname or not u.port or u.path not in ("", "/"):
+    try:
+        port = u.port  # raises for a port outside 0-65535
+    except ValueError as e:
+        raise ValueError(f"{option} {url!r}: {e}") from None
+    if u.scheme not in ("http", "grpc", "tcp") or not u.hostname or not port or u.path not in ("", "/"):
         raise ValueError(f"{option} {url!r}: expected host:port or http://host:port (TLS is not supported)")
     return f"{u.hostname}:{u.port}"
 

@@ -161,7 +161,7 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
     classes = ctx.meta.classes_of(sc)
     torch.manual_seed(p.seed)
     if cfg.init == "inherit":
-        supernet, _ = load_supernet(supernet_path)
+        supernet, _ = load_supernet(supernet_path, ctx=ctx)
         net = supernet.extract(arch)
     else:
         net = StaticNet(ctx.space, arch, ctx.num_classes)

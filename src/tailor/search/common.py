@@ -519,12 +519,7 @@ def load_setup(p: Params, data_dir: Path, supernet_path: Path, only: list[str] |
     from tailor.context import Context, load_supernet
 
     ctx = Context(p, data_dir)
-    supernet, ck = load_supernet(supernet_path, ctx.device)
-    if ck["params"]["space"] != p.space.model_dump(mode="json") or ck["image_size"] != ctx.meta.image_size:
-        raise SearchError(f"{supernet_path}: trained for another search space or image size than params.space / "
-                          f"{data_dir}; re-run train-supernet")
-    if ck["num_classes"] != ctx.num_classes:
-        raise SearchError(f"{supernet_path}: {ck['num_classes']} classes, {data_dir} has {ctx.num_classes}")
+    supernet, ck = load_supernet(supernet_path, ctx.device, ctx)
     supernet = ctx.prepare_model(supernet).eval()
     for q in supernet.parameters():
         q.requires_grad_(False)
