@@ -6,9 +6,10 @@ Calls the same stage functions, in the same order, as `dvc repro` (prepare-data,
 train-supernet, train-stock, profile-latency, search-*, retrain per scenario, export, serve-check,
 report), with outputs laid out as in the DVC workspace under --work. Unlike dvc.yaml's foreach,
 retrain.scenarios may leave superclass null (every superclass), so a preset need not name a
-dataset's superclasses. A stage that finished under the same params is skipped (delete
---work/done/<stage>.json to redo one), and the training stages resume from their checkpoints, so a
-killed run continues when started again.
+dataset's superclasses. A stage is skipped when it finished under the same params as dvc.yaml
+lists for it and the same versions of the stages it reads from (as `dvc repro` decides; delete
+--work/done/<stage>.json to redo one), and
+the training stages resume from their checkpoints, so a killed run continues when started again.
 
 Writes benchmarks/results/dag-<name>.json (stage wall times, the report's summary), copies the
 report, its pictures and every stage's metrics to benchmarks/results/dag-<name>/, and rewrites the "## DAG: <name>"
@@ -38,13 +39,21 @@ def run(p, work: Path) -> dict:
     from tailor.data import Meta
     from tailor.utils import atomic_write_json, fingerprint
 
-    key = fingerprint(p.model_dump(mode="json"))
+    dump = p.model_dump(mode="json")
+    legacy = fingerprint(dump)
+    declared = stage_params()
     done_dir = work / "done"
     seconds: dict[str, float] = {}
     skipped: list[str] = []
+    keys: dict[str, str] = {}
 
-    def stage(name: str, fn, *args, **kwargs):
+    def stage(name: str, fn, *args, after: tuple[str, ...] = (), **kwargs):
+        keys[name] = key = fingerprint(params_subset(dump, declared.get(name.split("@")[0])),
+                                       [keys[a] for a in after])
         marker = done_dir / f"{name}.json"
+        if marker.is_file() and json.loads(marker.read_text()).get("params") == legacy:
+            # Written when a marker keyed on all params: this stage ran under exactly these params.
+            atomic_write_json(marker, {**json.loads(marker.read_text()), "params": key})
         if marker.is_file() and json.loads(marker.read_text()).get("params") == key:
             seconds[name] = json.loads(marker.read_text())["seconds"]  # as measured when it ran
             skipped.append(name)
@@ -59,30 +68,62 @@ def run(p, work: Path) -> dict:
     data, metrics, search = work / "data" / "prepared", work / "metrics", work / "search"
     teacher, supernet = work / "models" / "teacher.pt", work / "models" / "supernet.pt"
     stage("prepare-data", stages.prepare_data, p, data, metrics / "data.json")
-    stage("train-teacher", stages.train_teacher, p, data, teacher, metrics / "teacher.json", work / "runs" / "train-teacher")
+    stage("train-teacher", stages.train_teacher, p, data, teacher, metrics / "teacher.json", work / "runs" / "train-teacher",
+          after=("prepare-data",))
     stage("train-supernet", stages.train_supernet, p, data, teacher, supernet, metrics / "supernet.json",
-          work / "runs" / "train-supernet")
+          work / "runs" / "train-supernet", after=("prepare-data", "train-teacher"))
     stage("train-stock", stages.train_stock, p, data, work / "models" / "stock", metrics / "stock.json",
-          work / "runs" / "train-stock")
-    stage("profile-latency", stages.profile_latency, p, data, work / "latency", metrics / "latency.json")
-    stage("search-predictor", stages.search_predictor, p, data, supernet, search / "predictor.pt")
+          work / "runs" / "train-stock", after=("prepare-data",))
+    stage("profile-latency", stages.profile_latency, p, data, work / "latency", metrics / "latency.json",
+          after=("prepare-data",))
+    trained = ("prepare-data", "train-supernet", "profile-latency")  # a latency budget reads the LUT
+    stage("search-predictor", stages.search_predictor, p, data, supernet, search / "predictor.pt", after=trained)
     for m in SEARCH_METHODS:
         stage(f"search-{m}", stages.search, p, m, data, supernet, search / f"{m}.json", search / "predictor.pt",
-              search / "generator.pt" if m == "generator" else None)
+              search / "generator.pt" if m == "generator" else None,
+              after=trained + (("search-predictor",) if m == "evolution" else ()))
     stage("search-collect", stages.search_collect, p, [search / f"{m}.json" for m in SEARCH_METHODS],
-          search / "results.json", search / "table.md", metrics / "search.json")
+          search / "results.json", search / "table.md", metrics / "search.json",
+          after=tuple(f"search-{m}" for m in SEARCH_METHODS))
     models = []
     for sc, budget in stages.retrain_scenarios(p, Meta.load(data)):
         sid = stages.scenario_id(sc, budget)
         models.append(work / "retrain" / sid / "model.pt")
         stage(f"retrain@{sid}", lambda sc=sc, budget=budget, sid=sid: stages.retrain(
             p, data, supernet, sc, budget, stages.choose_arch(p, search, sc, budget), work / "retrain" / sid / "model.pt",
-            metrics / "retrain" / f"{sid}.json", work / "runs" / "retrain" / sid))
-    stage("export", stages.export, p, models, data, work / "triton", metrics / "export.json", work / "onnx")
-    stage("serve-check", stages.serve_check, p, work / "triton", data, metrics / "serve.json")
+            metrics / "retrain" / f"{sid}.json", work / "runs" / "retrain" / sid),
+            after=("prepare-data", "train-supernet", "search-collect"))
+    retrains = tuple(k for k in keys if k.startswith("retrain@"))
+    stage("export", stages.export, p, models, data, work / "triton", metrics / "export.json", work / "onnx",
+          after=("prepare-data",) + retrains)
+    stage("serve-check", stages.serve_check, p, work / "triton", data, metrics / "serve.json",
+          after=("prepare-data", "export"))
     stage("report", stages.report, p, metrics, search / "table.md", work / "reports" / "report.md",
-          metrics / "report.json", work / "latency", search / "results.json", work / "reports" / "plots")
+          metrics / "report.json", work / "latency", search / "results.json", work / "reports" / "plots",
+          after=tuple(keys))
     return seconds, skipped
+
+
+def stage_params() -> dict[str, list[str] | None]:
+    """dvc.yaml's params list per stage (a foreach stage under its own name)."""
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: s.get("do", s).get("params") for name, s in doc.items()}
+
+
+def params_subset(dump: dict, keys: list[str] | None) -> dict:
+    """The params a stage declares ({dotted key: value}); as in DVC, a stage that declares none
+    reruns only when a stage it reads from does."""
+    if keys is None:
+        return {}
+    out = {}
+    for k in keys:
+        v = dump
+        for part in k.split("."):
+            v = v[part]
+        out[k] = v
+    return out
 
 
 def headline_markdown(report_md: str) -> str:
