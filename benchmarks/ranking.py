@@ -108,7 +108,7 @@ def standalone_path(data_name: str) -> Path:
 
 
 def cmd_standalone(args, p) -> dict:
-    from tailor.stages import Context
+    from tailor.context import Context
     from tailor.utils import atomic_write_json, code_version, file_hash, fingerprint, log
 
     work = Path(args.work)

@@ -51,7 +51,7 @@ def _ort_latency_ms(net: nn.Module, p: Params, meta, images: np.ndarray) -> dict
     """onnxruntime CPU latency of `net` exported under the serving convention, timed as `tailor export` times."""
     from tailor.export import export_onnx
     from tailor.export.onnx_export import ort_session
-    from tailor.stages import _ort_latency
+    from tailor.export.stage import _ort_latency
 
     with tempfile.TemporaryDirectory(prefix="tailor-stock-") as tmp:
         path = export_onnx(net, Path(tmp) / "model.onnx", meta.image_size, meta.mean, meta.std, p.export.opset)
