@@ -3,8 +3,12 @@
     .venv/bin/python benchmarks/retrain.py --preset configs/tin-sc10-cpu.yaml --work runs/tin-cpu \\
         --scenarios 10 --variant inherit,superclass,3 --variant scratch,superclass,3 ...
 
-Needs a finished `benchmarks/dag.py` workspace (--work): its prepared data, supernet and search
-results. Retrains the first --scenarios scenarios of the preset's retrain grid under every
+A variant whose init is `stock:<name>` (e.g. stock:mobilenet_v3_small_w1,superclass,8) is the control:
+the DAG's stock generalist <name> put through the same retraining for each scenario's superclass,
+so a tailored net is also compared with a stock net that got the same extra training.
+
+Needs a finished `benchmarks/dag.py` workspace (--work): its prepared data, supernet, stock models
+and search results. Retrains the first --scenarios scenarios of the preset's retrain grid under every
 --variant (init,data,epochs[,lr]; lr default: the preset's retrain.optim.lr) with the same stage function as the DAG (tailor.stages.retrain, in
 --work/retrain-bench/), and compares each variant with the first one on the same test images:
 mean test top-1 and the paired difference with a 95% bootstrap CI (tailor.stats).
@@ -23,6 +27,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, RESULTS_MD, ROOT, upsert_section  # noqa: E402
+
+
+def stock_control(p, data: Path, stock_path: Path, superclass: str, budget: float, work_dir: Path) -> dict:
+    """A stock generalist from the DAG, fine-tuned by retrain's recipe (stages.finetune) for one
+    superclass and scored as a retrained net is (its superclass's logits only, test hits per image)."""
+    import torch
+
+    from tailor import stages, stock
+    from tailor.config import StockModel
+    from tailor.context import Context
+    from tailor.train import autocast, evaluate
+    from tailor.utils import file_hash, fingerprint, load_checkpoint, load_state
+
+    ctx = Context(p, data)
+    classes = ctx.meta.classes_of(ctx.meta.superclass_index(superclass))
+    ck = load_checkpoint(stock_path, "stock model", ("state_dict",))
+    arch, width = stock_path.stem.rsplit("_w", 1)
+    torch.manual_seed(p.seed)
+    net = stock.build(StockModel(arch=arch, width=float(width)), ctx.num_classes)
+    load_state(net, ck["state_dict"], stock_path, "stock model")
+    net = ctx.prepare_model(net)
+    fp = fingerprint("stock-control", p.seed, p.augment.model_dump(), p.retrain.model_dump(), superclass,
+                     file_hash(stock_path))
+    res = stages.finetune(p, ctx, net, classes, work_dir, fp)
+    net.eval()
+    idx = torch.tensor(classes, device=ctx.device)
+    with torch.no_grad(), autocast(ctx.device, p.runtime):
+        val = evaluate(lambda xb: net(xb)[:, idx], ctx.batches("val"), ctx.meta, classes=classes)
+        test = evaluate(lambda xb: net(xb)[:, idx], ctx.batches("test"), ctx.meta, classes=classes, per_image=True)
+    return {"superclass": superclass, "budget": budget, "arch": stock_path.stem, "val_top1": val["sc_top1_mean"],
+            "test_top1": test["sc_top1_mean"], "test_correct": test["correct"], "train_seconds": round(res.seconds, 1)}
 
 
 def main(argv=None) -> None:
@@ -52,7 +87,8 @@ def main(argv=None) -> None:
                          "optim": {"lr": float(lr[0]) if lr else base.retrain.optim.lr}})
     results = []
     for v in variants:
-        p = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset], {"retrain": v})
+        p = load_params(ROOT / "params.yaml", [Path(x) for x in args.preset],
+                        {"retrain": {**v, "init": "inherit" if v["init"].startswith("stock:") else v["init"]}})
         tag = f"{v['init']}-{v['data']}-{v['epochs']}" + ("" if v["optim"]["lr"] == base.retrain.optim.lr
                                                           else f"-lr{v['optim']['lr']:g}")
         rows, t0 = [], time.perf_counter()
@@ -60,6 +96,10 @@ def main(argv=None) -> None:
             sid = stages.scenario_id(sc, budget)
             out = work / "retrain-bench" / tag / sid
             dag_metrics = work / "metrics" / "retrain" / f"{sid}.json"
+            if v["init"].startswith("stock:"):
+                rows.append(stock_control(p, data, work / "models" / "stock" / f"{v['init'][6:]}.pt", sc, budget,
+                                          out / "work"))
+                continue
             if p.retrain == base.retrain and dag_metrics.is_file():
                 rows.append(json.loads(dag_metrics.read_text()))  # the DAG's own retrain, same params
                 continue
@@ -86,7 +126,9 @@ def main(argv=None) -> None:
     lines = [f"`{res['command']}` — {res['date']} (code {res['code_version']}); {len(scenarios)} scenarios "
              f"({', '.join(res['scenarios'])}), the architectures the DAG's search chose, test top-1 over each "
              "scenario's superclass. Difference: against the first variant, paired over the same test images, "
-             "95% bootstrap CI.", "",
+             "95% bootstrap CI." + (" An init `stock:<name>` is the control: the DAG's stock generalist <name> put "
+                                    "through the same retraining for each scenario's superclass."
+                                    if any(v["init"].startswith("stock:") for v in variants) else ""), "",
              "| init | data | epochs | lr | mean test top-1 | vs first (pts) | retrain s (all scenarios) |",
              "|---|---|---|---|---|---|---|"]
     for r in results:

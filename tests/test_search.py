@@ -582,7 +582,7 @@ def test_budgets_in_milliseconds_from_a_latency_table(tiny_run, tmp_path):
             assert doc["cost"]["unit"] == "ms" and doc["cost"]["lut"] == str(lut)
             for row in doc["results"][method]["rows"]:
                 assert row["cost_unit"] == "ms" and row["latency_ms"] == row["cost"] <= row["budget"]
-                assert row["cost"] == pytest.approx(lut_by_hand(lut, row["arch"]), rel=1e-9)
+                assert row["cost"] == pytest.approx(lut_by_hand(lut, row["arch"]), abs=1e-6)  # results round to 1e-6
                 assert row["madds"] == counted_madds(p, row["arch"])
                 if lut == fine:
                     assert row["in_window"], (method, row)

@@ -143,6 +143,45 @@ def within_budget(p: Params, ctx: Context, arch: Arch, budget: float) -> tuple[f
     return absolute, cost
 
 
+def finetune(p: Params, ctx: Context, net: torch.nn.Module, classes: list[int], work_dir: Path, fp: str):
+    """retrain's training: retrain.epochs of `net` (an all-class classifier) on retrain.data, with only
+    the superclass's logits competing when the data is the superclass's, then BN statistics
+    recomputed on that data. In place; returns fit's result. Any network: the retrain benchmark
+    puts a stock net through the same recipe as a control."""
+    cfg = p.retrain
+    x, y = datamod.load_split(ctx.data_dir, "train")
+    if cfg.data == "superclass":
+        sel = torch.isin(torch.from_numpy(y), torch.tensor(classes)).numpy()
+        x, y = x[sel], y[sel]
+    train_batches = Batches(x, y, ctx.meta, ctx.device, cfg.optim.batch_size, pad_crop=p.augment.pad_crop,
+                            flip=p.augment.flip, channels_last=p.runtime.channels_last)
+    local = torch.full((ctx.num_classes,), -1, dtype=torch.long, device=ctx.device)
+    local[torch.tensor(classes, device=ctx.device)] = torch.arange(len(classes), device=ctx.device)
+    cls_idx = torch.tensor(classes, device=ctx.device)
+
+    def step(m, xb, yb, scb, epoch, i):
+        with autocast(ctx.device, p.runtime):
+            logits = m(xb)
+        if cfg.data == "superclass":  # a superclass-only problem: only its logits compete
+            logits, yb = logits[:, cls_idx], local[yb]
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        loss = masked_cross_entropy(logits, yb, keep, cfg.optim.label_smoothing)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    res = fit(net, train_batches, make_optimizer(net, cfg.optim), cfg.epochs,
+              warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
+              work_dir / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
+    # BN statistics afresh on (un-augmented) batches of the data it trained on: a few steps of
+    # momentum averaging (retrain.data 'superclass' on a small superclass) still carry the supernet's
+    # shared statistics (measured: sc0 at 4M MAdds, test top-1 0.56 before, 0.99 after).
+    recal = Batches(x, y, ctx.meta, ctx.device, p.runtime.bn_recal_batch_size, channels_last=p.runtime.channels_last)
+    recal_it = recal.epoch(p.seed, augment=False, drop_last=False)
+    with torch.no_grad(), autocast(ctx.device, p.runtime):
+        recalibrate_bn(net, [next(recal_it)[0] for _ in range(min(p.runtime.bn_recal_batches, recal.num_batches(False)))])
+    return res
+
+
 def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, budget: float, arch: Arch,
             out_path: Path, metrics_path: Path, work_dir: Path) -> dict:
     """Train the network of one scenario for its superclass only (classifier = that superclass's classes).
@@ -167,39 +206,11 @@ def retrain(p: Params, data_dir: Path, supernet_path: Path, superclass: str, bud
         net = StaticNet(ctx.space, arch, ctx.num_classes)
     net = ctx.prepare_model(net)
 
-    x, y = datamod.load_split(data_dir, "train")
-    if cfg.data == "superclass":
-        sel = torch.isin(torch.from_numpy(y), torch.tensor(classes)).numpy()
-        x, y = x[sel], y[sel]
-    train_batches = Batches(x, y, ctx.meta, ctx.device, cfg.optim.batch_size, pad_crop=p.augment.pad_crop,
-                            flip=p.augment.flip, channels_last=p.runtime.channels_last)
-    local = torch.full((ctx.num_classes,), -1, dtype=torch.long, device=ctx.device)
-    local[torch.tensor(classes, device=ctx.device)] = torch.arange(len(classes), device=ctx.device)
-    cls_idx = torch.tensor(classes, device=ctx.device)
-
-    def step(m, xb, yb, scb, epoch, i):
-        with autocast(ctx.device, p.runtime):
-            logits = m(xb)
-        if cfg.data == "superclass":  # a superclass-only problem: only its logits compete
-            logits, yb = logits[:, cls_idx], local[yb]
-        keep = torch.ones_like(logits, dtype=torch.bool)
-        loss = masked_cross_entropy(logits, yb, keep, cfg.optim.label_smoothing)
-        loss.backward()
-        return {"loss": loss.item()}
-
     fp = fingerprint("retrain", p.seed, p.space.model_dump(), p.augment.model_dump(), cfg.model_dump(), str(arch),
                      superclass, file_hash(Path(data_dir) / "meta.json"),
                      file_hash(supernet_path) if cfg.init == "inherit" else None)
-    res = fit(net, train_batches, make_optimizer(net, cfg.optim), cfg.epochs,
-              warmup_cosine(cfg.optim.lr, cfg.epochs, cfg.optim.warmup_epochs), step,
-              Path(work_dir) / "checkpoint.pt", p.seed, fp, p.runtime.log_every)
-    # BN statistics afresh on (un-augmented) batches of the data it trained on: a few steps of
-    # momentum averaging (retrain.data 'superclass' on a small superclass) still carry the supernet's
-    # shared statistics (measured: sc0 at 4M MAdds, test top-1 0.56 before, 0.99 after).
-    recal = Batches(x, y, ctx.meta, ctx.device, p.runtime.bn_recal_batch_size, channels_last=p.runtime.channels_last)
-    recal_it = recal.epoch(p.seed, augment=False, drop_last=False)
-    with torch.no_grad(), autocast(ctx.device, p.runtime):
-        recalibrate_bn(net, [next(recal_it)[0] for _ in range(min(p.runtime.bn_recal_batches, recal.num_batches(False)))])
+    res = finetune(p, ctx, net, classes, Path(work_dir), fp)
+    cls_idx = torch.tensor(classes, device=ctx.device)
     # Keep only this superclass's classifier rows: the deployed model answers among them alone.
     specialised = StaticNet(ctx.space, arch, len(classes))
     state = net.state_dict()
