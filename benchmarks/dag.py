@@ -51,11 +51,13 @@ def run(p, work: Path) -> dict:
         keys[name] = key = fingerprint(params_subset(dump, declared.get(name.split("@")[0])),
                                        [keys[a] for a in after])
         marker = done_dir / f"{name}.json"
-        if marker.is_file() and json.loads(marker.read_text()).get("params") == legacy:
+        done = json.loads(marker.read_text()) if marker.is_file() else {}
+        if done.get("params") == legacy:
             # Written when a marker keyed on all params: this stage ran under exactly these params.
-            atomic_write_json(marker, {**json.loads(marker.read_text()), "params": key})
-        if marker.is_file() and json.loads(marker.read_text()).get("params") == key:
-            seconds[name] = json.loads(marker.read_text())["seconds"]  # as measured when it ran
+            done["params"] = key
+            atomic_write_json(marker, done)
+        if done.get("params") == key:
+            seconds[name] = done["seconds"]  # as measured when it ran
             skipped.append(name)
             print(f"== {name}: done earlier", flush=True)
             return

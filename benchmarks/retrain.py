@@ -35,7 +35,6 @@ def stock_control(p, data: Path, stock_path: Path, superclass: str, budget: floa
     import torch
 
     from tailor import stages, stock
-    from tailor.config import StockModel
     from tailor.context import Context
     from tailor.train import autocast, evaluate
     from tailor.utils import file_hash, fingerprint, load_checkpoint, load_state
@@ -43,9 +42,12 @@ def stock_control(p, data: Path, stock_path: Path, superclass: str, budget: floa
     ctx = Context(p, data)
     classes = ctx.meta.classes_of(ctx.meta.superclass_index(superclass))
     ck = load_checkpoint(stock_path, "stock model", ("state_dict",))
-    arch, width = stock_path.stem.rsplit("_w", 1)
+    model = next((m for m in p.stock.models if stock.name_of(m) == stock_path.stem), None)
+    if model is None:
+        raise SystemExit(f"{stock_path.stem}: not one of the preset's stock.models "
+                         f"({', '.join(stock.name_of(m) for m in p.stock.models)})")
     torch.manual_seed(p.seed)
-    net = stock.build(StockModel(arch=arch, width=float(width)), ctx.num_classes)
+    net = stock.build(model, ctx.num_classes)
     load_state(net, ck["state_dict"], stock_path, "stock model")
     net = ctx.prepare_model(net)
     fp = fingerprint("stock-control", p.seed, p.augment.model_dump(), p.retrain.model_dump(), superclass,

@@ -290,7 +290,7 @@ def test_profiled_nets_are_the_exported_graph(space, tmp_path):
     from tailor.export import export_onnx
 
     arch, classes = space.max_arch, 2
-    x = torch.randint(0, 256, latency.image_shape(space, 1), dtype=torch.uint8)
+    x = torch.randint(0, 256, latency.image_shape(space.image_size, 1), dtype=torch.uint8)
     profiled = _op_counts(latency.onnx_bytes(latency.deployed_net(space, arch, classes), x))
     path = export_onnx(StaticNet(space, arch, classes), tmp_path / "m.onnx", space.image_size, (0.4,) * 3, (0.2,) * 3)
     assert profiled == _op_counts(path.read_bytes())

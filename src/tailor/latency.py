@@ -21,6 +21,7 @@ comes in bursts, and interleaving spreads a burst over every item instead of cor
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -133,8 +134,9 @@ def deployed_net(space: SearchSpace, arch: Arch, classes: int) -> nn.Module:
     return UInt8Classifier(StaticNet(space, arch, classes), _MEAN, _STD)
 
 
-def image_shape(space: SearchSpace, batch: int) -> tuple[int, ...]:
-    return batch, space.image_size, space.image_size, 3
+def image_shape(image_size: int, batch: int) -> tuple[int, ...]:
+    """The deployed graph's input: uint8 [N, H, W, 3] pixels."""
+    return batch, image_size, image_size, 3
 
 
 def arch_blocks(space: SearchSpace, arch: Arch) -> list[tuple[int, BlockSpec]]:
@@ -546,13 +548,13 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
     fr, c = space.final_resolution, space.cfg
     with torch_threads(target.threads):
         items: dict[str, Callable[[], object]] = {
-            stem_key(space): runner.prepare(deployed_stem(space), image_shape(space, bs), gen, pixels=True),
+            stem_key(space): runner.prepare(deployed_stem(space), image_shape(space.image_size, bs), gen, pixels=True),
             head_key(space, classes): runner.prepare(deployed_head(space, classes), (bs, c.widths[-1], fr, fr), gen)}
         for key, s in specs.items():
             items[key] = runner.prepare(s.module(), s.input_shape(bs), gen)
         nets = {f"net:{a}": a for a in cal_archs + held_archs}
         for name, a in nets.items():
-            items[name] = runner.prepare(deployed_net(space, a, classes), image_shape(space, bs), gen,
+            items[name] = runner.prepare(deployed_net(space, a, classes), image_shape(space.image_size, bs), gen,
                                          pixels=True)
         progress(f"profile-latency[{target_name}]: {len(specs)} blocks, 2 fixed parts, {len(nets)} subnets "
                  f"prepared in {time.perf_counter() - t_start:.1f}s")
@@ -601,12 +603,12 @@ def measure_deployed(target_name: str, target: LatencyTarget, protocol, onnx_fil
                            "exported ONNX file on this machine")
     runner = OrtRunner(target)
     gen = torch.Generator().manual_seed(0)
-    shape = (target.batch_size, image_size, image_size, 3)
+    shape = image_shape(image_size, target.batch_size)
     items = {}
     for name, path in onnx_files.items():
         sess = runner.session(path)
         feed = {sess.get_inputs()[0].name: _input(shape, gen, True).numpy()}
-        items[name] = (lambda s, f: lambda: s.run(None, f))(sess, feed)
+        items[name] = functools.partial(sess.run, None, feed)
     samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
                       lambda m: progress(f"deployed latency[{target_name}]: {m}"))
     return {name: _stats(calls, protocol) for name, calls in samples.items()}

@@ -154,9 +154,10 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
     from tailor.space import Arch
 
     luts = sorted(Path(lut_dir).glob("*.json")) if lut_dir and Path(lut_dir).is_dir() else []
-    rows, summary = [], {}
+    rows, summary, statistics_used = [], {}, set()
     for path in luts:
         lut = load_lut(path)
+        statistics_used.add(lut["protocol"]["statistic"])
         model = latency_model(lut)
         t, name_t = lut["target"], lut["target_name"]
         errs, over = [], []
@@ -194,7 +195,7 @@ def latency_section(export: dict, lut_dir: Path) -> tuple[str, dict] | None:
             "nets are timed as exported (uint8 NHWC input and normalisation, the widest superclass's classifier, "
             "logits and probs). Measured: the export stage's timing of each exported ONNX file under the same "
             "target's session options, batch size and protocol (statistic "
-            f"{', '.join(sorted({load_lut(p)['protocol']['statistic'] for p in luts}))}), on the machine export "
+            f"{', '.join(sorted(statistics_used))}), on the machine export "
             "ran on; '-' where the target cannot run the file there.", "",
             _table(["Triton model", "arch", "target", "target conditions", "predicted ms", "measured ms", "error",
                     "budget ms"], rows)]
