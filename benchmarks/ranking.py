@@ -147,8 +147,11 @@ def cmd_variant(args, p) -> dict:
 
     sa = json.loads(standalone_path(args.data_name).read_text())["results"]
     work = Path(args.work)
-    data = _prepare(p, work, args.data)
-    vdir = work / "variants" / args.name
+    data = _prepare(p, work, args.data)  # under the preset's seed: every training seed sees the same split
+    seed = p.seed if args.seed is None else args.seed
+    tag = args.name if seed == p.seed else f"{args.name}-s{seed}"
+    p = p.model_copy(update={"seed": seed})
+    vdir = work / "variants" / tag
     quiet, waited = wait_for_quiet(args.quiet_load, args.max_wait)
     load_start = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
@@ -166,7 +169,7 @@ def cmd_variant(args, p) -> dict:
                      "supernet": e["test"]["sc_top1_mean"]})
     rows.sort(key=lambda r: r["madds"])
     agree = rank_agreement([r["supernet"] for r in rows], [r["standalone"] for r in rows], seed=p.seed)
-    res = {"benchmark": "ranking", "name": args.name, "data_name": args.data_name,
+    res = {"benchmark": "ranking", "name": args.name, "seed": seed, "data_name": args.data_name,
            "command": "python benchmarks/ranking.py " + " ".join(sys.argv[1:]),
            "date": datetime.datetime.now().isoformat(timespec="seconds"), "code_version": code_version(),
            "cpu_threads": torch.get_num_threads(), "quiet_at_start": quiet, "loadavg_start": load_start,
@@ -180,8 +183,8 @@ def cmd_variant(args, p) -> dict:
            "subnets": {k: {"madds_m": v["madds_m"], "test_sc_top1_mean": v["test_sc_top1_mean"],
                            "test_correct": v["test_correct"]} for k, v in sn["subnets"].items()},
            "ranking": agree, "archs": rows, "params": p.model_dump(mode="json")}
-    atomic_write_json(RESULTS / f"ranking-{args.data_name}-{args.name}.json", res)
-    log(f"ranking {args.name}: tau {agree['kendall_tau']:.3f} {agree['kendall_tau_ci']}, "
+    atomic_write_json(RESULTS / f"ranking-{args.data_name}-{tag}.json", res)
+    log(f"ranking {tag}: tau {agree['kendall_tau']:.3f} {agree['kendall_tau_ci']}, "
         f"rho {agree['spearman_rho']:.3f}; min/mid/max " +
         " / ".join(f"{v['test_sc_top1_mean']:.4f}" for v in res["subnets"].values()))
     return res
@@ -194,13 +197,56 @@ def _pct(v: float) -> str:
 BASELINE = "sandwich"  # the variant run with the preset alone (no recipe overlay)
 
 
+def seed_of(run: dict) -> int:
+    return run["seed"] if "seed" in run else run["params"]["seed"]  # results written before --seed existed
+
+
+def group(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    """Recipe name -> {training seed: run}, recipes in the order they were first run."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in sorted(runs, key=lambda r: r["date"]):
+        out.setdefault(r["name"], {})[seed_of(r)] = r
+    return out
+
+
+def _tau(r: dict) -> float:
+    return r["ranking"]["kendall_tau"]
+
+
+def _ci(d: dict, digits: int = 3) -> str:
+    ci = max(digits - 1, 1)
+    return f"{d['mean']:+.{digits}f} [{d['lo']:+.{ci}f}, {d['hi']:+.{ci}f}]"
+
+
+def over_seeds(x: dict[int, dict], y: dict[int, dict], one_seed, value, digits: int = 3) -> str:
+    """x minus y. With >= 2 common training seeds: the mean of the per-seed differences with a
+    95% t-CI over seeds (training noise). With one: `one_seed(x_run, y_run)`, a bootstrap CI that
+    covers the architectures' or images' draw but not the training seed."""
+    from tailor.stats import mean_ci
+
+    common = sorted(set(x) & set(y))
+    if not common:
+        return "-"
+    if len(common) == 1:
+        return one_seed(x[common[0]], y[common[0]]) + " (1 seed)"
+    return _ci(mean_ci([value(x[s]) - value(y[s]) for s in common]), digits) + f" ({len(common)} seeds)"
+
+
+def _mean_row(runs: dict[int, dict], key: str, ci_key: str) -> str:
+    from tailor.stats import mean_ci
+
+    if len(runs) == 1:
+        (g,) = (r["ranking"] for r in runs.values())
+        return f"{g[key]:.3f} [{g[ci_key][0]:.2f}, {g[ci_key][1]:.2f}]"
+    return _ci(mean_ci([r["ranking"][key] for r in runs.values()]))
+
+
 def markdown(data_name: str) -> str:
     from tailor.stats import kendall_tau
 
     sa_file = standalone_path(data_name)
     sa = json.loads(sa_file.read_text())
-    runs = sorted((json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")),
-                  key=lambda r: r["date"])
+    recipes = group([json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")])
     srs = sorted(sa["results"].values(), key=lambda r: r["madds"])
     lines = [
         f"Stand-alone: {len(srs)} architectures ({srs[0]['madds'] / 1e6:.2f} to {srs[-1]['madds'] / 1e6:.2f} M MAdds) "
@@ -214,34 +260,42 @@ def markdown(data_name: str) -> str:
         f"{kendall_tau([r['val_sc_top1_mean'] for r in srs], [r['test_sc_top1_mean'] for r in srs]):.2f} (how "
         "well the test split itself ranks them).",
         "",
-        "Each variant: the same preset, data and total epochs, one training seed; each architecture's supernet "
-        "accuracy with BN recalibrated on training images, scored on the test split. tau / rho: Kendall / "
-        "Spearman against stand-alone, 95% bootstrap CI over architectures (the CIs do not include the "
-        "supernet's own seed-to-seed variation). min / mid / max: the space's uniform subnets, test sc-top-1 (%). "
-        "Wall: train-supernet's training seconds on this 2-core CPU (the load averages at start and end are in "
-        "each result file; some rows ran beside tests).",
+        "Each variant: the same preset, data split and total epochs; each architecture's supernet accuracy with BN "
+        "recalibrated on training images, scored on the test split. tau / rho: Kendall / Spearman against "
+        "stand-alone. A recipe trained at several seeds shows the mean over seeds with a 95% t-CI over seeds "
+        "(training noise, for these 20 architectures); one trained at one seed shows its 95% bootstrap CI over "
+        "architectures, which leaves the training seed's own variation out. min / mid / max: the space's uniform "
+        "subnets, test sc-top-1 (%), mean over seeds. Wall: train-supernet's training seconds on this 2-core CPU, "
+        "mean over seeds (the load averages at start and end are in each result file; some runs ran beside tests).",
         "",
-        f"tau - tau({BASELINE}): the paired bootstrap difference from the preset's own recipe (same "
-        "architectures resampled for both); a CI that holds 0 is a tie.",
+        f"tau - tau({BASELINE}): the difference from the sandwich recipe, paired by training seed (t-CI over the "
+        "seeds both ran) or, with one common seed, by architecture (paired bootstrap); a CI that holds 0 is a tie.",
         "",
-        f"| variant | sampler | ELS | curriculum | q | Kendall tau [95% CI] | tau - tau({BASELINE}) [95% CI] "
+        f"| variant | seeds | sampler | ELS | curriculum | q | Kendall tau [95% CI] | tau - tau({BASELINE}) [95% CI] "
         "| Spearman rho [95% CI] | min / mid / max | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base = next((r for r in runs if r["name"] == BASELINE), None)
-    for r in runs:
-        g, rc = r["ranking"], r["recipe"]
-        diff = dtau(r, base) if base is not None and r is not base else "-"
+    base = recipes.get(BASELINE)
+    for name, runs in recipes.items():
+        first = next(iter(runs.values()))
+        rc = first["recipe"]
+        diff = over_seeds(runs, base, dtau, _tau) if base is not None and name != BASELINE else "-"
         cur = "yes" if rc["curriculum"]["enabled"] else "no"
         sampler = rc["sampler"] + (f" x{rc['subnets_per_step']}" if rc["sampler"] == "sandwich" else "")
+        subnets = " / ".join(_pct(sum(r["subnets"][k]["test_sc_top1_mean"] for r in runs.values()) / len(runs))
+                             for k in first["subnets"])
+        wall = sum(r["train_seconds"] for r in runs.values()) / len(runs)
         lines.append(
-            f"| {r['name']} | {sampler} | {'yes' if rc['els'] else 'no'} | {cur} | {rc['superclass_dropout']} | "
-            f"{g['kendall_tau']:.3f} [{g['kendall_tau_ci'][0]:.2f}, {g['kendall_tau_ci'][1]:.2f}] | {diff} | "
-            f"{g['spearman_rho']:.3f} [{g['spearman_rho_ci'][0]:.2f}, {g['spearman_rho_ci'][1]:.2f}] | "
-            + " / ".join(_pct(v["test_sc_top1_mean"]) for v in r["subnets"].values())
-            + f" | {r['train_seconds']:.0f} |")
-    lines += ["", *claims(runs), "", f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>.json`."]
+            f"| {name} | {', '.join(map(str, sorted(runs)))} | {sampler} | {'yes' if rc['els'] else 'no'} | {cur} | "
+            f"{rc['superclass_dropout']} | {_mean_row(runs, 'kendall_tau', 'kendall_tau_ci')} | {diff} | "
+            f"{_mean_row(runs, 'spearman_rho', 'spearman_rho_ci')} | {subnets} | {wall:.0f} |")
+    lines += ["", *claims(recipes), "",
+              f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>[-s<seed>].json`."]
     return "\n".join(lines)
+
+
+def _min_acc(r: dict) -> float:
+    return 100 * r["subnets"]["min"]["test_sc_top1_mean"]
 
 
 def _paired_min(a: dict, b: dict) -> str:
@@ -253,7 +307,7 @@ def _paired_min(a: dict, b: dict) -> str:
         return "(per-image hits not recorded)"
     groups = [(as_hits(ca[sc]), as_hits(cb[sc])) for sc in ca]
     d = paired_bootstrap(groups)
-    return f"{100 * d['diff']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
 def dtau(x: dict, y: dict) -> str:
@@ -267,22 +321,24 @@ def dtau(x: dict, y: dict) -> str:
     return f"{d['diff']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
 
 
-def claims(runs: list[dict]) -> list[str]:
+def claims(recipes: dict[str, dict[int, dict]]) -> list[str]:
     """The papers' claims, each as a paired difference between two rows of the table."""
-    by = {r["name"]: r for r in runs}
     out = []
-    for name in sorted(by):
-        if name.endswith("-els") and name[:-4] in by:
-            out.append(f"- ELS ({name} - {name[:-4]}): tau {dtau(by[name], by[name[:-4]])}.")
-    if "curriculum" in by and BASELINE in by:
-        out.append(f"- Curriculum - direct ({BASELINE}), equal epochs: min subnet "
-                   f"{_paired_min(by['curriculum'], by[BASELINE])} (AdaSearch: >= +1); "
-                   f"tau {dtau(by['curriculum'], by[BASELINE])}.")
-    qs = sorted((r["recipe"]["superclass_dropout"], r) for r in runs
-                if r["name"] in {BASELINE, "q0", "q0.3", "q0.6"})
+    for name in sorted(recipes):
+        if name.endswith("-els") and name[:-4] in recipes:
+            out.append(f"- ELS ({name} - {name[:-4]}): tau {over_seeds(recipes[name], recipes[name[:-4]], dtau, _tau)}.")
+    if "curriculum" in recipes and BASELINE in recipes:
+        cur, base = recipes["curriculum"], recipes[BASELINE]
+        out.append(f"- Curriculum - direct ({BASELINE}), equal epochs: min subnet accuracy "
+                   f"{over_seeds(cur, base, _paired_min, _min_acc, 1)} points (AdaSearch: >= +1); "
+                   f"tau {over_seeds(cur, base, dtau, _tau)}.")
+    qs = sorted((next(iter(runs.values()))["recipe"]["superclass_dropout"], name) for name, runs in recipes.items()
+                if name in {BASELINE, "q0", "q0.3", "q0.6"})
     if len(qs) > 1 and qs[0][0] == 0:
-        out += [f"- Superclass dropout q = {q} - q = 0: min subnet {_paired_min(r, qs[0][1])}; "
-                f"tau {dtau(r, qs[0][1])}." for q, r in qs[1:]]
+        zero = recipes[qs[0][1]]
+        out += [f"- Superclass dropout q = {q} - q = 0: min subnet accuracy "
+                f"{over_seeds(recipes[name], zero, _paired_min, _min_acc, 1)} points; "
+                f"tau {over_seeds(recipes[name], zero, dtau, _tau)}." for q, name in qs[1:]]
     return (["Claims, each a paired difference [95% CI]:"] + out) if out else []
 
 
@@ -298,7 +354,9 @@ def main(argv=None) -> None:
     sub.choices["standalone"].add_argument("--archs", type=int, default=20)
     sub.choices["standalone"].add_argument("--epochs", type=int, default=None, help="default: the stock anchors' epochs")
     v = sub.choices["variant"]
-    v.add_argument("--name", required=True)
+    v.add_argument("--name", required=True, help="the recipe's name: runs of one name at several seeds are one row")
+    v.add_argument("--seed", type=int, default=None,
+                   help="training seed (default: the preset's); the data split stays the preset's")
     v.add_argument("--quiet-load", type=float, default=1.0)
     v.add_argument("--max-wait", type=float, default=600)
     t = sub.add_parser("table")

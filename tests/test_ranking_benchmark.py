@@ -57,4 +57,33 @@ def test_standalone_cache_variant_and_table(ranking, tiny_run, tmp_path, monkeyp
                                                       for r in res["archs"]]
     md = (tmp_path / "RESULTS.md").read_text()
     sampler = tiny_params().supernet.sampler  # the tiny overlay keeps params.yaml's recipe
-    assert "## Supernet ranking: tiny" in md and f"| base | {sampler} | no | no | 0.5 |" in md
+    assert "## Supernet ranking: tiny" in md and f"| base | 0 | {sampler} | no | no | 0.5 |" in md
+
+    # A second training seed of the same recipe: its own file, the preset's data split, one row.
+    ranking.main(["variant", *common, "--name", "base", "--seed", "1", "--quiet-load", "1000"])
+    s1 = json.loads((tmp_path / "results" / "ranking-tiny-base-s1.json").read_text())
+    assert (s1["seed"], s1["params"]["seed"], s1["name"]) == (1, 1, "base")
+    assert s1["subnets"]["max"]["test_correct"] != res["subnets"]["max"]["test_correct"]  # trained anew
+    assert [r["arch"] for r in s1["archs"]] == [r["arch"] for r in res["archs"]]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert f"| base | 0, 1 | {sampler} | no | no | 0.5 |" in md and "| base | 1 |" not in md
+
+
+def _run(name: str, seed: int, tau: float, min_acc: float) -> dict:
+    return {"name": name, "seed": seed, "date": f"2026-01-0{seed + 1}", "ranking": {"kendall_tau": tau},
+            "subnets": {"min": {"test_sc_top1_mean": min_acc}}}
+
+
+def test_recipe_differences_are_paired_by_seed(ranking):
+    from tailor.stats import mean_ci
+
+    x = ranking.group([_run("x", s, t, a) for s, t, a in [(0, 0.3, 0.40), (1, 0.5, 0.42), (2, 0.1, 0.41)]])["x"]
+    y = ranking.group([_run("y", s, t, a) for s, t, a in [(0, 0.2, 0.41), (1, 0.1, 0.40), (2, 0.3, 0.40), (3, 0.9, 0.5)]])["y"]
+    d = mean_ci([0.1, 0.4, -0.2])  # seed 3 ran only for y: left out
+    assert ranking.over_seeds(x, y, None, ranking._tau) == \
+        f"{d['mean']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (3 seeds)"
+    m = mean_ci([-1.0, 2.0, 1.0])
+    assert ranking.over_seeds(x, y, None, ranking._min_acc, 1) == f"{m['mean']:+.1f} [{m['lo']:+.1f}, {m['hi']:+.1f}] (3 seeds)"
+    # One common seed: the per-run (bootstrap) comparison it is given, labelled as such.
+    assert ranking.over_seeds({0: x[0]}, y, lambda a, b: f"{a['seed']}-{b['seed']}", ranking._tau) == "0-0 (1 seed)"
+    assert ranking.over_seeds({5: x[0]}, y, None, ranking._tau) == "-"
