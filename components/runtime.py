@@ -97,3 +97,25 @@ def check_placement(p, target: str, placement_json: str) -> None:
     if have != compiled:
         raise ParamsError(f"{source}: latency.targets.{target}.kfp is {have}, but the pipeline was compiled "
                           f"to run this step on {compiled}; {hint}")
+
+
+def scoped_repo_url(repo_url: str, run_id: str, run_scoped: bool) -> str:
+    """Where this run publishes its Triton repository: under `repo_url`/<run id> unless the run
+    asks for `repo_url` itself, so concurrent runs never overwrite one another's models."""
+    if not repo_url or not run_scoped:
+        return repo_url
+    if not run_id or "{{" in run_id:
+        raise ValueError(f"run_scoped_repo needs the run's id, got {run_id!r}")
+    return f"{repo_url.rstrip('/')}/{run_id}"
+
+
+def with_data_uri(p, data_uri: str):
+    """The run's params with data.path set to the `data_uri` pipeline parameter, when one is given
+    (an s3:// URI, or a path on the data volume): one pipeline, any dataset, no params edit."""
+    if not data_uri:
+        return p
+    from tailor.config import params_from_dict
+
+    raw = p.model_dump(mode="json")
+    raw["data"]["path"] = data_uri
+    return params_from_dict(raw, source="pipeline parameter data_uri")

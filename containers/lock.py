@@ -1,10 +1,12 @@
-"""Print the exact versions of tailor's runtime dependencies, transitively, as installed here.
+"""Print the exact versions of tailor's dependencies, transitively, as installed here.
 
-    .venv/bin/python containers/lock.py > containers/requirements.lock
+    ./dev lock        (= .venv/bin/python containers/lock.py > containers/requirements.lock)
 
-The images install the package with this file as pip constraints, so they get the versions the
-test suite ran with (pyproject.toml pins only the direct dependencies). The `serve` extra is in it
-(an image may be built with it); test-only packages (the `test` extra) are not. Markers are evaluated for Linux x86_64 / CPython 3.11, the images' platform.
+The one lock of the project: the images install the package with it as pip constraints, and so
+does `./dev setup` for the tests, so both get the same versions (pyproject.toml pins only the
+direct dependencies). It covers the `serve` extra (an image may be built with it) and the `test`
+extra (pip ignores constraints on packages it is not asked to install, so the images do not get
+them). Markers are evaluated for Linux x86_64 / CPython 3.11, the images' platform.
 """
 from __future__ import annotations
 
@@ -36,8 +38,9 @@ def closure(pyproject: Path = PYPROJECT) -> dict[str, str]:
     """
     seen: dict[str, str] = {}
     project = tomllib.loads(pyproject.read_text())["project"]
-    # The images may add the `serve` extra (build arg EXTRAS=serve), so its versions are locked too.
-    roots = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"].get("serve", [])]
+    # The images may add the `serve` extra (build arg EXTRAS=serve); ./dev installs the `test` extra.
+    extras = project["optional-dependencies"]
+    roots = [Requirement(r) for r in project["dependencies"] + extras.get("serve", []) + extras.get("test", [])]
     todo = [(r.name, frozenset(r.extras)) for r in roots]
     done: set[tuple[str, frozenset]] = set()
     while todo:

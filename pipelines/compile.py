@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint-pvc", help="PVC mounted on training steps so retries resume")
     ap.add_argument("--accelerator", default=tp.Options.accelerator)
     ap.add_argument("--no-gpu-toleration", action="store_true")
-    ap.add_argument("--s3-secret", help="Kubernetes secret with AWS_* keys for export / serve-check")
+    ap.add_argument("--s3-secret", help="Kubernetes secret with AWS_* keys for prepare-data / export / serve-check "
+                                        "(default: the pods' own identity, e.g. IRSA)")
+    ap.add_argument("--data-pvc", help=f"PVC with datasets, mounted on prepare-data at {tp.DATA_MOUNT}")
     ap.add_argument("--parallelism", type=int, default=tp.Options.parallelism,
                     help="ParallelFor iterations at once (per-superclass searches, retrain)")
     ap.add_argument("--params", type=Path, default=tp.Options.params,
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.out} is current")
         return 0
     opts = tp.Options(accelerator=a.accelerator, gpu_toleration=not a.no_gpu_toleration,
-                      checkpoint_pvc=a.checkpoint_pvc, s3_secret=a.s3_secret, parallelism=a.parallelism,
+                      checkpoint_pvc=a.checkpoint_pvc, s3_secret=a.s3_secret, data_pvc=a.data_pvc, parallelism=a.parallelism,
                       params=a.params.resolve(), presets=tuple(x.resolve() for x in a.preset))
     if a.out.resolve() == COMMITTED.resolve() and opts != tp.DEFAULT_OPTIONS:
         print(f"{COMMITTED} holds the default compile; write non-default options elsewhere with --out",

@@ -20,8 +20,9 @@ from kfp import local
 from pipelines import tailor_pipeline as tp
 
 
-def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False) -> Path:
-    """Run the pipeline on `params_yaml`; returns the run's directory under `root`. Raises on failure.
+def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False, **arguments) -> Path:
+    """Run the pipeline on `params_yaml` (and any other run parameters, e.g. data_uri); returns the
+    run's directory under `root`. Raises on failure.
 
     enable_caching: kfp.local's task cache under <root>/.kfp_cache, keyed like the cluster's (component,
     image, command, inputs): a second run with the same params reuses every step that allows caching.
@@ -37,7 +38,7 @@ def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False) 
         with warnings.catch_warnings():
             # The runner warns that the (parameterised) image name is not a Python image: it uses no image.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-            tp.tailor_pipeline(params_yaml=params_yaml)
+            tp.tailor_pipeline(params_yaml=params_yaml, **arguments)
     finally:
         if old is None:
             os.environ.pop("TAILOR_CHECKPOINT_ROOT", None)

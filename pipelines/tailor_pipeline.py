@@ -27,6 +27,9 @@ import components as C
 PIPELINE_NAME = "tailor"
 CHECKPOINT_MOUNT = "/tailor-checkpoints"
 ROOT = Path(__file__).resolve().parents[1]
+DATA_MOUNT = "/tailor-data"
+# Profiling a LUT takes minutes; a pod that runs for hours is stuck (e.g. waiting on a busy GPU).
+PROFILE_TIMEOUT_S = 4 * 3600
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 
@@ -43,33 +46,38 @@ class Step:
     cache: bool = True
     checkpoints: bool = False
     s3: bool = False  # gets the S3 credentials secret (Options.s3_secret) as AWS_* variables
+    # The pod's activeDeadlineSeconds: a hung step (a stalled data loader, an S3 read that never
+    # returns) fails and is retried instead of holding its node for ever. Sized at several times
+    # the real-data GPU preset's figures; a run on bigger data recompiles with larger values.
+    timeout_h: float = 2.0
 
 
 STEPS: dict[str, Step] = {
     # No retry: its failures (bad params, a bad superclass map, unreadable images) are deterministic.
-    "prepare-data": Step(cpu="2", memory="8Gi"),
-    "train-teacher": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
-    "train-supernet": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
+    # S3 credentials: data.path may be an s3:// URI.
+    "prepare-data": Step(cpu="2", memory="8Gi", timeout_h=4, s3=True),
+    "train-teacher": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True, timeout_h=48),
+    "train-supernet": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True, timeout_h=72),
     # The stock anchors: each network checkpoints per epoch and keeps its finished result.
-    "train-stock": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
+    "train-stock": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True, timeout_h=48),
     # Search: supernet evaluations (BN recalibration + validation) want the GPU; evolution and
     # NSGA-II spend their time in the accuracy predictor and only evaluate their final picks.
-    "search-predictor": Step(cpu="8", memory="32Gi", gpu=True, retries=2),
-    "search-generator": Step(cpu="8", memory="32Gi", gpu=True, retries=2),
-    "search-superclasses": Step(cpu="1", memory="1Gi"),
-    "search-random": Step(cpu="8", memory="32Gi", gpu=True, retries=2),
-    "search-evolution": Step(cpu="8", memory="16Gi", retries=1),
-    "search-nsga2": Step(cpu="8", memory="16Gi", retries=1),
-    "search-collect": Step(cpu="1", memory="2Gi"),
-    "retrain-scenarios": Step(cpu="1", memory="1Gi"),
-    "retrain": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True),
+    "search-predictor": Step(cpu="8", memory="32Gi", gpu=True, retries=2, timeout_h=12),
+    "search-generator": Step(cpu="8", memory="32Gi", gpu=True, retries=2, timeout_h=12),
+    "search-superclasses": Step(cpu="1", memory="1Gi", timeout_h=0.5),
+    "search-random": Step(cpu="8", memory="32Gi", gpu=True, retries=2, timeout_h=12),
+    "search-evolution": Step(cpu="8", memory="16Gi", retries=1, timeout_h=12),
+    "search-nsga2": Step(cpu="8", memory="16Gi", retries=1, timeout_h=12),
+    "search-collect": Step(cpu="1", memory="2Gi", timeout_h=1),
+    "retrain-scenarios": Step(cpu="1", memory="1Gi", timeout_h=0.5),
+    "retrain": Step(cpu="8", memory="32Gi", gpu=True, retries=2, checkpoints=True, timeout_h=24),
     # Parity and latency are measured on CPU onnxruntime; S3 uploads may need a retry.
     "export": Step(cpu="4", memory="8Gi", retries=2, s3=True),
     # Checks a live server: never answered from the cache.
     "serve-check": Step(cpu="4", memory="8Gi", retries=1, cache=False, s3=True),
     # Reads only small metrics files. Not cached: it summarises serve-check's fresh (never cached)
     # result, whose new artifact changes its cache key every run anyway.
-    "report": Step(cpu="1", memory="2Gi", cache=False),
+    "report": Step(cpu="1", memory="2Gi", cache=False, timeout_h=1),
 }
 
 
@@ -85,13 +93,17 @@ class Options:
     # A ReadWriteMany PVC mounted on the training steps at CHECKPOINT_MOUNT, so that a retried
     # (e.g. preempted) step resumes from its last epoch instead of starting again.
     checkpoint_pvc: Optional[str] = None
+    # A PVC holding datasets, mounted on prepare-data at DATA_MOUNT (data.path / data_uri point into it).
+    data_pvc: Optional[str] = None
     # The params whose latency targets (which ones, and where they run) shape the DAG.
     params: Path = ROOT / "params.yaml"
     presets: tuple[Path, ...] = ()
     # At most this many iterations of a ParallelFor (per-superclass searches, retrain) run at once.
     parallelism: int = 4
-    # A Kubernetes secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL,
-    # AWS_DEFAULT_REGION if needed) for export / serve-check with an s3:// repo_url.
+    # A Kubernetes secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (both required; and
+    # AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION if needed) for export / serve-check
+    # with an s3:// repo_url. None: the pods' own identity (boto3's default chain: EKS IRSA through
+    # the run's service account, or the node's instance role).
     s3_secret: Optional[str] = None
 
 
@@ -111,12 +123,19 @@ def configure(task: dsl.PipelineTask, stage: str, opts: Options, image, gpu_imag
     if s.retries:
         task.set_retry(num_retries=s.retries, backoff_duration="60s", backoff_factor=2.0)
     task.set_caching_options(s.cache)
+    kubernetes.set_timeout(task, int(s.timeout_h * 3600))
+    if stage == "prepare-data" and opts.data_pvc:
+        kubernetes.mount_pvc(task, pvc_name=opts.data_pvc, mount_path=DATA_MOUNT)
     if s.checkpoints and opts.checkpoint_pvc:
         kubernetes.mount_pvc(task, pvc_name=opts.checkpoint_pvc, mount_path=CHECKPOINT_MOUNT)
         task.set_env_variable("TAILOR_CHECKPOINT_ROOT", CHECKPOINT_MOUNT)
     if s.s3 and opts.s3_secret:
-        kubernetes.use_secret_as_env(task, secret_name=opts.s3_secret, secret_key_to_env={k: k for k in S3_KEYS},
-                                     optional=True)
+        # The key pair is required, so a misspelt secret or key stops the pod before it starts
+        # (CreateContainerConfigError naming it) instead of failing at the upload; the rest may be absent.
+        required = S3_KEYS[:2]
+        kubernetes.use_secret_as_env(task, secret_name=opts.s3_secret, secret_key_to_env={k: k for k in required})
+        kubernetes.use_secret_as_env(task, secret_name=opts.s3_secret, optional=True,
+                                     secret_key_to_env={k: k for k in S3_KEYS if k not in required})
     return task
 
 
@@ -134,6 +153,7 @@ def place_profiling(task: dsl.PipelineTask, name: str, target, opts: Options, im
         if opts.gpu_toleration:
             kubernetes.add_toleration(task, key=k.accelerator, operator="Exists", effect="NoSchedule")
     task.set_caching_options(True)
+    kubernetes.set_timeout(task, PROFILE_TIMEOUT_S)
     return task
 
 
@@ -153,10 +173,13 @@ def search_lut_target(p, profiled: list[str]) -> Optional[str]:
 def build(opts: Options = DEFAULT_OPTIONS):
     """The pipeline (a KFP GraphComponent) for these compile options.
 
-    Run parameters: params_yaml (required), the two images, repo_url (publish the Triton
-    repository to s3://bucket/prefix instead of only the `repository` artifact), and the URLs of a
-    Triton serving repo_url for serve-check (empty: nvidia-pytriton's bundled tritonserver, in the
-    images only when built with EXTRAS=serve; kfp.local has it in the .venv).
+    Run parameters: params_yaml (required), the two images, data_uri (replaces data.path: an
+    s3:// URI, or a path under DATA_MOUNT when compiled with a data volume), repo_url (publish the Triton
+    repository to s3://bucket/prefix instead of only the `repository` artifact; under
+    prefix/<run id> unless run_scoped_repo is false, so concurrent runs never overwrite each
+    other), and the URLs of a Triton serving that repository for serve-check (empty:
+    nvidia-pytriton's bundled tritonserver, in the images only when built with EXTRAS=serve;
+    kfp.local has it in the .venv).
     """
     from tailor.config import load_params
 
@@ -167,15 +190,15 @@ def build(opts: Options = DEFAULT_OPTIONS):
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="Train one weight-sharing supernet on superclass data, then tailor, retrain and "
                               "serve specialised networks. params_yaml: params.yaml content (presets merged).")
-    def tailor(params_yaml: str, image: str = opts.image, gpu_image: str = opts.gpu_image, repo_url: str = "",
-               triton_http_url: str = "", triton_grpc_url: str = ""):
+    def tailor(params_yaml: str, image: str = opts.image, gpu_image: str = opts.gpu_image, data_uri: str = "",
+               repo_url: str = "", run_scoped_repo: bool = True, triton_http_url: str = "", triton_grpc_url: str = ""):
         tasks: dict[str, dsl.PipelineTask] = {}  # by stage, for the report's inputs
 
         def step(stage: str, component, **inputs) -> dsl.PipelineTask:
             tasks[stage] = configure(component(params_yaml=params_yaml, **inputs), stage, opts, image, gpu_image)
             return tasks[stage]
 
-        data = step("prepare-data", C.prepare_data).outputs["data"]
+        data = step("prepare-data", C.prepare_data, data_uri=data_uri).outputs["data"]
         teacher = step("train-teacher", C.train_teacher, data=data).outputs["teacher"]
         supernet = step("train-supernet", C.train_supernet, data=data, teacher=teacher).outputs["supernet"]
         step("train-stock", C.train_stock, data=data)
@@ -208,9 +231,10 @@ def build(opts: Options = DEFAULT_OPTIONS):
         scenarios = step("retrain-scenarios", C.retrain_scenarios, data=data).output
         with dsl.ParallelFor(scenarios, parallelism=opts.parallelism) as scenario:
             retrained = step("retrain", C.retrain, scenario=scenario, data=data, supernet=supernet, search=search)
-        repository = step("export", C.export, repo_url=repo_url, data=data,
+        publish = {"repo_url": repo_url, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "run_scoped_repo": run_scoped_repo}
+        repository = step("export", C.export, **publish, data=data,
                           models=dsl.Collected(retrained.outputs["model"])).outputs["repository"]
-        step("serve-check", C.serve_check, repo_url=repo_url, triton_http_url=triton_http_url,
+        step("serve-check", C.serve_check, **publish, triton_http_url=triton_http_url,
              triton_grpc_url=triton_grpc_url, repository=repository, data=data)
 
         # Every stage's Metrics artifact under the file name tailor.report expects. One latency table:

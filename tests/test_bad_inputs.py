@@ -449,3 +449,30 @@ def test_cli_bad_input_is_one_line_naming_it(tiny_run, bad_files, tmp_path, case
     assert_one_line_error(run_cli(*argv), *culprits)
     assert sorted(p.name for p in out.iterdir()) == ["earlier.txt"], "a failed stage wrote outputs"
     assert (out / "earlier.txt").read_text() == "kept"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA works here: nothing to refuse")
+def test_device_cuda_without_usable_cuda_is_one_line_before_any_work(tiny_run, tmp_path):
+    overlay = tmp_path / "cuda.yaml"
+    overlay.write_text("runtime: {device: cuda}\n")
+    r = run_cli("train-teacher", "--params", ROOT / "params.yaml", "--preset", TINY, "--preset", overlay,
+                "--data", tiny_run["data"], "--out", tmp_path / "t.pt", "--metrics", tmp_path / "t.json",
+                "--work-dir", tmp_path / "w")
+    assert_one_line_error(r, "runtime.device is 'cuda'", f"CUDA runtime {torch.version.cuda}")
+    assert not (tmp_path / "t.pt").exists() and not (tmp_path / "t.json").exists()
+
+
+def test_device_auto_warns_when_a_mounted_gpu_is_unusable(monkeypatch, capsys):
+    from tailor import train
+    from tailor.config import RuntimeConfig
+
+    rt = RuntimeConfig(**{**tiny_params().runtime.model_dump(), "device": "auto"})
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train, "_nvidia_device_nodes", lambda: ["/dev/nvidia0"])  # a pod whose driver is too old
+    assert train.resolve_device(rt).type == "cpu"
+    err = capsys.readouterr()
+    assert "warning: training on the CPU" in err.out + err.err and "/dev/nvidia0" in err.out + err.err
+    monkeypatch.setattr(train, "_nvidia_device_nodes", lambda: [])
+    assert train.resolve_device(rt).type == "cpu"
+    err = capsys.readouterr()
+    assert "warning" not in err.out + err.err

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import TIN_SC10, tiny_params
 from PIL import Image
+from servers import moto_server, s3_env  # noqa: F401  (pytest fixtures)
 
 from tailor import data as datamod
 from tailor import stages
@@ -207,6 +208,50 @@ def test_imagefolder_external_superclass_map(tmp_path):
     assert meta.superclasses == ["fish", "felines"] and meta.classes == ["carp", "trout", "lion", "cat"]
     with pytest.raises(DataError, match="missing.yaml: superclass map not found"):
         build(imagefolder_cfg(z, superclass_map=str(tmp_path / "missing.yaml")), seed=0)
+
+
+def _same(a, b):
+    (meta_a, s_a), (meta_b, s_b) = a, b
+    assert meta_a == meta_b
+    for k in s_a:
+        assert np.array_equal(s_a[k][0], s_b[k][0]) and np.array_equal(s_a[k][1], s_b[k][1])
+
+
+def test_imagefolder_from_s3_as_a_zip_object_or_a_prefix(tmp_path, s3_env, monkeypatch):
+    """data.path as s3://bucket/key.zip or s3://bucket/prefix (the tree's files), read through the
+    tests' S3 server: the same dataset as from the local files, no temporary copy left behind."""
+    import tempfile
+
+    from tailor.export import S3Config, s3_client
+
+    s3 = S3Config(max_attempts=2, connect_timeout_s=5, read_timeout_s=20)
+    root = make_tree(tmp_path / "tree")
+    z = zip_tree(root, tmp_path / "tiny.zip")
+    client = s3_client(s3)
+    client.create_bucket(Bucket="datasets")
+    client.upload_file(str(z), "datasets", "sets/tiny.zip")
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            client.upload_file(str(f), "datasets", f"trees/tiny/{f.relative_to(root).as_posix()}")
+    client.put_object(Bucket="datasets", Key="maps/fish-first.yaml",
+                      Body=yaml.safe_dump({"fish": ["carp", "trout"], "felines": ["lion", "cat"]}, sort_keys=False).encode())
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+
+    _same(build(imagefolder_cfg("s3://datasets/sets/tiny.zip"), seed=0, s3=s3), build(imagefolder_cfg(z), seed=0))
+    _same(build(imagefolder_cfg("s3://datasets/trees/tiny"), seed=0, s3=s3), build(imagefolder_cfg(root), seed=0))
+    meta, _ = build(imagefolder_cfg("s3://datasets/sets/tiny.zip", superclass_map="s3://datasets/maps/fish-first.yaml"),
+                    seed=0, s3=s3)
+    assert meta.superclasses == ["fish", "felines"]
+    assert list(tmp.iterdir()) == []  # the downloads were temporary
+    for bad, culprit in [("s3://datasets/sets/missing.zip", "s3://datasets/sets/missing.zip"),
+                         ("s3://no-such-bucket/tiny", "s3://no-such-bucket/tiny")]:
+        with pytest.raises(DataError, match=culprit):
+            build(imagefolder_cfg(bad), seed=0, s3=s3)
+    with pytest.raises(DataError, match="s3://datasets/maps/none.yaml: superclass map not readable"):
+        build(imagefolder_cfg(z, superclass_map="s3://datasets/maps/none.yaml"), seed=0, s3=s3)
+    assert list(tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("mapping, needles", [

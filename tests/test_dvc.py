@@ -43,8 +43,13 @@ def env() -> dict:
     return e
 
 
+def trace_file(repo: Path) -> Path:
+    return repo.parent / f"{repo.name}.modules.jsonl"  # outside the repo: dvc and git never see it
+
+
 def run(repo: Path, *args, check=True, timeout=600) -> subprocess.CompletedProcess:
-    r = subprocess.run(list(map(str, args)), cwd=repo, env=env(), capture_output=True, text=True, timeout=timeout)
+    e = {**env(), "TAILOR_TRACE_MODULES": str(trace_file(repo))}
+    r = subprocess.run(list(map(str, args)), cwd=repo, env=e, capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} exited {r.returncode}\n{r.stdout}\n{r.stderr}")
     return r
@@ -65,6 +70,25 @@ def skipped(r: subprocess.CompletedProcess) -> list[str]:
 
 def lock(repo: Path) -> dict:
     return yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+
+
+def assert_deps_cover_the_code_that_ran(repo: Path, stages_ran: list[str]) -> None:
+    """Every tailor source file a stage's command loaded is among that stage's dvc.yaml deps
+    (a file, or a folder above it): otherwise editing it would not re-run the stage."""
+    loaded: dict[str, set[str]] = {}
+    for line in trace_file(repo).read_text().splitlines():
+        rec = json.loads(line)
+        loaded.setdefault(rec["command"], set()).update(rec["modules"])
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    missing, checked = {}, []
+    for name in {s.split("@")[0] for s in stages_ran}:
+        spec = stages[name].get("do", stages[name])
+        files = loaded[spec["cmd"].split()[1]]
+        deps = [d.rstrip("/") for d in spec["deps"]]
+        checked.append(name)
+        if gaps := sorted(f for f in files if not any(f == d or f.startswith(d + "/") for d in deps)):
+            missing[name] = gaps
+    assert checked and not missing, f"dvc.yaml deps lack the code these stages ran: {missing}"
 
 
 def digest(path: Path) -> dict[str, str]:
@@ -124,6 +148,7 @@ def test_first_repro_runs_the_upstream_stages(reproduced):
         assert (repo / o).exists(), o
     for m in ("data", "teacher", "supernet"):
         assert (repo / "metrics" / f"{m}.json").exists()
+    assert_deps_cover_the_code_that_ran(repo, ran(first))
     r = dvc(repo, "metrics", "show", "--json")
     assert "metrics/supernet.json" in r.stdout
 
@@ -217,8 +242,9 @@ def test_dvc_plots_show_renders_the_reports_plot_data(tiny_run, tmp_path):
     import json as _json
 
     out = _json.loads(r.stdout)
-    # Without a latency table (none in this run) there is no latency picture: the only error allowed.
-    assert all(e.get("name") == "reports/plots/pareto-latency.png" for e in out.get("errors", [])), out["errors"]
+    # Without a latency table (none in this run) there is no latency picture or LUT scatter: the only errors allowed.
+    assert all(e.get("name") in ("reports/plots/pareto-latency.png", "reports/plots/lut")
+               for e in out.get("errors", [])), out["errors"]
     shown = out["data"]
     assert "reports/plots/pareto-madds.png" in shown, sorted(shown)
     assert any(k.startswith("Test top-1 vs MAdds") for k in shown)
@@ -239,6 +265,7 @@ def test_fraction_budgets_run_through_retrain_and_export(reproduced, tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     r = dvc(repo, "repro", "export", timeout=1200)
     assert "retrain@0" in ran(r) and "export" in ran(r)
+    assert_deps_cover_the_code_that_ran(repo, ran(r))
     assert (repo / "retrain" / "sc0__0.3" / "model.pt").is_file()
     m = json.loads((repo / "metrics" / "export.json").read_text())
     assert m["passed"] and len(m["models"]) == 1
@@ -249,3 +276,30 @@ def test_fraction_budgets_run_through_retrain_and_export(reproduced, tmp_path):
     pick = [row for row in res["methods"]["generator"]["rows"] if row["seed"] == first and row["superclass"] == "sc0"
             and abs(row["budget"] - (lo + 0.3 * (hi - lo))) < 1e-6 * hi]
     assert [row["arch"] for row in pick] == [arch]  # the search's pick at the resolved budget
+
+
+def test_a_fresh_clone_shows_the_committed_metrics_and_plots(tmp_path):
+    """As in DVC's example-get-started: the last `./dev repro`'s metrics and plot data are committed,
+    so `dvc metrics show` and `dvc plots show` work on a clone before anything runs, and
+    `dvc metrics diff` can compare commits."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", ROOT, clone)
+    tracked = run(clone, "git", "ls-files", "metrics").stdout.split()
+    declared = [next(iter(m)) for s in yaml.safe_load((clone / "dvc.yaml").read_text())["stages"].values()
+                for m in s.get("metrics", []) if "${" not in next(iter(m))]
+    assert declared and set(declared) <= set(tracked), f"metrics not committed: {set(declared) - set(tracked)}"
+    shown = json.loads(dvc(clone, "metrics", "show", "--json").stdout)
+    text = json.dumps(shown)
+    report = json.loads((clone / "metrics" / "report.json").read_text())
+    assert "metrics/report.json" in text and "error" not in text.lower(), text[:2000]
+    assert any(isinstance(v, (int, float)) for v in report.values())
+    plots = json.loads(dvc(clone, "plots", "show", "--json").stdout)
+    assert not plots.get("errors"), plots["errors"]
+    shown = set(plots["data"])
+    assert any(k.startswith("reports/plots/lut/") for k in shown), sorted(shown)  # the LUT scatter
+    assert any(k.startswith("reports/plots/training/") for k in shown) and "reports/plots/pareto-madds.png" in shown
+    out = tmp_path / "html"
+    dvc(clone, "plots", "show", "-o", out)
+    assert (out / "index.html").is_file()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT, TINY, tiny_params
+from servers import moto_server, s3_env  # noqa: F401  (pytest fixtures)
 
 sys.path.insert(0, str(ROOT))  # components/ and pipelines/ live beside src/, not in the package
 
@@ -177,11 +178,41 @@ def test_checkpoint_volume_option(tmp_path):
         assert "tolerations" not in platform.get(exe, {})
         secrets = platform.get(exe, {}).get("secretAsEnv", [])
         if step.s3:
-            assert [s["secretName"] for s in secrets] == ["s3-creds"] and secrets[0]["optional"]
-            assert {m["envVar"] for m in secrets[0]["keyToEnv"]} == set(tp.S3_KEYS)
+            # The key pair is required (a misspelt secret stops the pod at once); the rest optional.
+            assert [s["secretName"] for s in secrets] == ["s3-creds", "s3-creds"]
+            assert [bool(s.get("optional")) for s in secrets] == [False, True]
+            assert {m["envVar"] for m in secrets[0]["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+            assert {m["envVar"] for s in secrets for m in s["keyToEnv"]} == set(tp.S3_KEYS)
         else:
             assert not secrets
     assert spec["root"]["inputDefinitions"]["parameters"]["image"]["defaultValue"] == "r/t:cpu"
+
+
+def test_every_step_has_a_timeout(tmp_path):
+    """A hung pod fails at its deadline (and is retried where the step retries) instead of holding
+    its node for ever."""
+    spec, platform = compiled(tp.DEFAULT_OPTIONS, tmp_path)
+    for stage, step in tp.STEPS.items():
+        assert int(platform[executor_label(spec, stage)]["activeDeadlineSeconds"]) == int(step.timeout_h * 3600), stage
+    profiling = [e for e in platform if "profile-latency" in e]
+    assert profiling and all(int(platform[e]["activeDeadlineSeconds"]) == tp.PROFILE_TIMEOUT_S for e in profiling)
+    assert all(int(p["activeDeadlineSeconds"]) > 0 for p in platform.values())
+
+
+def test_published_repositories_are_run_scoped_unless_asked(tmp_path):
+    spec, _ = compiled(tp.DEFAULT_OPTIONS, tmp_path)
+    assert spec["root"]["inputDefinitions"]["parameters"]["run_scoped_repo"]["defaultValue"] is True
+    for stage in ("export", "serve-check"):
+        task = next(t for t in spec["root"]["dag"]["tasks"].values() if t["taskInfo"]["name"] == stage)
+        params = task["inputs"]["parameters"]
+        assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+        assert params["run_scoped_repo"]["componentInputParameter"] == "run_scoped_repo"
+        assert params["repo_url"]["componentInputParameter"] == "repo_url"
+    assert runtime.scoped_repo_url("s3://b/models/", "4f1c", True) == "s3://b/models/4f1c"
+    assert runtime.scoped_repo_url("s3://b/models", "4f1c", False) == "s3://b/models"
+    assert runtime.scoped_repo_url("", "4f1c", True) == ""  # no URL: the repository artifact
+    with pytest.raises(ValueError, match="run's id"):
+        runtime.scoped_repo_url("s3://b/models", "{{$.pipeline_job_uuid}}", True)  # never resolved
 
 
 # ---------------------------------------------------------------- components
@@ -410,6 +441,39 @@ def test_local_rerun_reuses_every_cacheable_step(local_run):
     assert executed == {name for name, s in tp.STEPS.items() if not s.cache} == {"serve-check", "report"}
 
 
+@pytest.mark.slow
+def test_local_run_on_an_imagefolder_zip_from_s3(tmp_path, s3_env):
+    """The dataset as a run parameter: an ImageFolder zip on the tests' S3 server, named by data_uri
+    (params' data.path points nowhere), read by prepare-data with the pods' credential chain."""
+    from test_data import make_tree, zip_tree
+
+    from pipelines.run_local import run_local
+    from tailor.export import s3_client
+
+    p = tiny_params(**LOCAL)
+    z = zip_tree(make_tree(tmp_path / "tree", n_train=20, n_test=8), tmp_path / "tiny.zip")
+    client = s3_client(p.export.s3)
+    client.create_bucket(Bucket="datasets")
+    client.upload_file(str(z), "datasets", "tiny/tiny.zip")
+    arch = p.retrain.scenarios[0].arch
+    raw = tiny_params(data={"source": "imagefolder", "path": str(tmp_path / "nowhere.zip")},
+                      search={"superclasses": None},
+                      retrain={"scenarios": [{"superclass": "fish", "budget": 300000, "arch": arch}]},
+                      latency=LOCAL["latency"]).model_dump(mode="json")
+    run = run_local(yaml.safe_dump(raw, sort_keys=False), tmp_path / "kfp", data_uri="s3://datasets/tiny/tiny.zip")
+    [data_dir] = task_dirs(run, "prepare-data")
+    data, _ = metrics_of(data_dir)
+    assert (data["source"], data["classes"], data["superclasses"]) == ("imagefolder", 4, 2)
+    meta = json.loads((data_dir / "data" / "meta.json").read_text())
+    assert meta["params"]["data"]["path"] == "s3://datasets/tiny/tiny.zip"  # the run records what it read
+    [export_dir] = task_dirs(run, "export")
+    exported, _ = metrics_of(export_dir)
+    [model] = exported["models"]
+    assert model.startswith("fish") and exported["models"][model]["parity_ok"]
+    [serve_dir] = task_dirs(run, "serve-check")
+    assert metrics_of(serve_dir)[0]["problems"] == []
+
+
 def test_local_run_fails_fast_on_bad_params(tmp_path, capfd):
     from pipelines.run_local import run_local
 
@@ -468,6 +532,12 @@ def test_dockerfile_essentials(kind):
     ignore = (DOCKERFILES[kind].parent / f"{DOCKERFILES[kind].name}.dockerignore").read_text().split()
     assert ignore[ignore.index("*") if "*" in ignore else 0] == "*", "build context is an allowlist"
 
+    def rules(path):
+        return [x for x in path.read_text().splitlines() if x and not x.startswith("#")]
+
+    # Builders that read only the root .dockerignore get the same context.
+    assert rules(ROOT / ".dockerignore") == rules(DOCKERFILES[kind].parent / f"{DOCKERFILES[kind].name}.dockerignore")
+
 
 def test_hadolint_passes():
     exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
@@ -483,4 +553,23 @@ def test_lock_matches_pyproject_pins():
     canon = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins().items()}
     wrong = {k: (v, lock.get(k)) for k, v in canon.items() if lock.get(k) != v}
     assert not wrong, f"containers/requirements.lock disagrees with pyproject.toml: {wrong}; " \
-                      "regenerate with `python containers/lock.py > containers/requirements.lock`"
+                      "regenerate with `./dev lock`"
+
+
+def test_the_tests_run_on_the_locked_versions():
+    """What ships is what is tested: `./dev setup` installs with the images' lock as constraints, so
+    every locked package here has the version the images get."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lock = dict(line.split("==") for line in (ROOT / "containers" / "requirements.lock").read_text().splitlines()
+                if line and not line.startswith("#"))
+    found = {}
+    for name, want in lock.items():
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    # A local label (torch 2.14.1+cu130 here, +cpu in the CPU image) satisfies `==2.14.1`, as in pip.
+    wrong = {k: (want, found[k]) for k, want in lock.items() if (found[k] or "").split("+")[0] != want}
+    assert not wrong, f"installed versions differ from containers/requirements.lock (locked, installed): {wrong}; " \
+                      "re-run ./dev setup, or ./dev lock after an intended upgrade"

@@ -157,14 +157,55 @@ def test_client_reads_environment_only_and_never_logs_secrets(repo_dir, s3_env, 
         upload_repository(repo_dir, "s3://logcheck/repo", client)
     assert s3_env.env["AWS_SECRET_ACCESS_KEY"] not in caplog.text
 
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(repo_dir / "no-such-config"))  # no region from ~/.aws
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(S3Error, match="AWS_SECRET_ACCESS_KEY") as err:
-        s3_client(SETTINGS)
+    with pytest.raises(S3Error, match="AWS_SECRET_ACCESS_KEY is not set but its pair is") as err:
+        s3_client(SETTINGS)  # half a key pair never falls through to another identity
     assert s3_env.env["AWS_ACCESS_KEY_ID"] not in str(err.value)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.delenv("AWS_DEFAULT_REGION")
     with pytest.raises(S3Error, match="AWS_DEFAULT_REGION"):
         s3_client(SETTINGS)
+
+
+def _no_static_keys(monkeypatch, tmp_path):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role probe from a test
+
+
+def test_client_takes_a_web_identity_as_on_eks_irsa(repo_dir, s3_env, monkeypatch, tmp_path):
+    """IRSA's variables and no keys: boto3's chain calls STS AssumeRoleWithWebIdentity (on the test
+    server, which issues temporary credentials) and the upload runs under them."""
+    _no_static_keys(monkeypatch, tmp_path)
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.e30.c2lnbmF0dXJl")  # what the projected service-account token looks like
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/tailor-export")
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(token))
+    client = s3_client(SETTINGS)
+    creds = client._request_signer._credentials
+    assert creds.method == "assume-role-with-web-identity"
+    assert creds.get_frozen_credentials().access_key not in (None, "", s3_env.env["AWS_ACCESS_KEY_ID"])
+    client.create_bucket(Bucket="irsa")
+    assert upload_repository(repo_dir, "s3://irsa/repo", client)
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(tmp_path / "missing-token"))
+    with pytest.raises(Exception, match="missing-token"):
+        s3_client(SETTINGS).list_buckets()
+
+
+def test_client_takes_a_named_profile_and_refuses_no_credentials(repo_dir, s3_env, monkeypatch, tmp_path):
+    _no_static_keys(monkeypatch, tmp_path)
+    with pytest.raises(S3Error, match="no AWS credentials found"):
+        s3_client(SETTINGS)
+    (tmp_path / "no-credentials").write_text("[tailor]\naws_access_key_id = profile-key\n"
+                                             "aws_secret_access_key = profile-secret\n")
+    monkeypatch.setenv("AWS_PROFILE", "tailor")
+    client = s3_client(SETTINGS)
+    assert client._request_signer._credentials.access_key == "profile-key"
+    client.create_bucket(Bucket="profile")
+    assert upload_repository(repo_dir, "s3://profile/repo", client)
 
 
 def test_download_refuses_existing_dir_and_empty_prefix(bucket, tmp_path):

@@ -27,9 +27,9 @@ def _params(params: Path, preset: Optional[list[Path]]):
 def prepare_data(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                  out: Path = Path("data/prepared"), metrics: Path = Path("metrics/data.json"), force: ForceOpt = False):
     """Build train/val/test splits and the class/superclass tables from the configured source."""
-    from tailor import stages
+    from tailor import data
 
-    stages.prepare_data(_params(params, preset), out, metrics, force)
+    data.prepare_data(_params(params, preset), out, metrics, force)
 
 
 @app.command("train-teacher")
@@ -236,11 +236,30 @@ def report(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                   plots_dir)
 
 
+def _trace_modules(path: Path) -> None:
+    """Append the tailor source files this process loaded (one JSON line per command): the tests
+    check every dvc.yaml stage lists them all as deps, so a code change re-runs what it affects."""
+    import json
+
+    import tailor
+
+    root = Path(tailor.__file__).resolve().parent.parent.parent  # the checkout holding src/
+    files = sorted(str(Path(m.__file__).resolve().relative_to(root)) for name, m in list(sys.modules.items())
+                   if (name == "tailor" or name.startswith("tailor.")) and getattr(m, "__file__", None))
+    with open(path, "a") as f:
+        f.write(json.dumps({"command": sys.argv[1] if len(sys.argv) > 1 else "", "modules": files}) + "\n")
+
+
 def main() -> None:
     """Entry point: known input errors become one line on stderr and exit status 2."""
+    import atexit
+    import os
+
     from tailor.config import ParamsError
     from tailor.data import DataError
 
+    if os.environ.get("TAILOR_TRACE_MODULES"):
+        atexit.register(_trace_modules, Path(os.environ["TAILOR_TRACE_MODULES"]))
     try:
         # Outside standalone mode typer turns a KeyboardInterrupt in a command into a returned
         # exit code (130) instead of raising it: that code must become the process's status.

@@ -37,8 +37,10 @@ class SyntheticConfig(Strict):
 
 class DataConfig(Strict):
     source: Literal["synthetic", "imagefolder", "cifar100"]
-    # imagefolder: a directory or .zip holding train/<class>/*, test/<class>/*; cifar100: the
-    # directory torchvision's CIFAR100 reads (or downloads into when allow_download).
+    # imagefolder: a directory or .zip holding train/<class>/*, test/<class>/*, local or an s3://
+    # URI (s3://bucket/key.zip, or s3://bucket/prefix holding the tree; credentials from boto3's
+    # default chain, reached with export.s3's retries and timeouts); cifar100: the directory
+    # torchvision's CIFAR100 reads (or downloads into when allow_download).
     path: str | None
     # imagefolder: superclasses.yaml (superclass -> list of class folder names); null looks for
     # superclasses.yaml at the root of `path` (inside the zip too).

@@ -15,11 +15,7 @@ from tailor.data import Batches, Meta
 from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.train import autocast, evaluate, resolve_device, split_by_superclass
-from tailor.utils import CheckpointError, atomic_torch_save, code_version, load_checkpoint, load_state
-
-
-def provenance(p: Params, stage: str) -> dict:
-    return {"stage": stage, "code_version": code_version(), "params": p.model_dump(mode="json")}
+from tailor.utils import CheckpointError, atomic_torch_save, load_checkpoint, load_state, provenance  # noqa: F401
 
 
 class Context:

@@ -7,9 +7,12 @@ A prepared dataset is a directory:
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
+import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -18,7 +21,9 @@ import numpy as np
 import torch
 import yaml
 
-from tailor.config import DataConfig, SyntheticConfig
+from tailor.config import DataConfig, Params, SyntheticConfig
+from tailor.export.settings import S3Config
+from tailor.utils import atomic_dir, atomic_write_json, check_replaceable, log, provenance
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -148,8 +153,9 @@ def make_synthetic(cfg: SyntheticConfig, size: int, seed: int):
 class _Tree:
     """Read-only view of a directory or a zip file, so both layouts share one loader."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, label: str | None = None):
         self.path = path
+        self.label = label or str(path)  # what messages name: the user's path or s3:// URI, not a temp copy
         if path.is_file() and zipfile.is_zipfile(path):
             self.zip = zipfile.ZipFile(path)
             names = [n for n in self.zip.namelist() if not n.endswith("/")]
@@ -158,11 +164,11 @@ class _Tree:
             self.zip = None
             self.files = [PurePosixPath(p.relative_to(path).as_posix()) for p in path.rglob("*") if p.is_file()]
         else:
-            raise DataError(f"{path}: not a directory or a zip file")
+            raise DataError(f"{self.label}: not a directory or a zip file")
         # The root is the folder holding train/ (tin-sc10.zip keeps everything under tin-sc10/).
         roots = {f.parents[2] for f in self.files if len(f.parts) >= 3 and f.parts[-3] == "train"}
         if len(roots) != 1:
-            raise DataError(f"{path}: expected exactly one train/<class>/<image> tree, found {len(roots)}")
+            raise DataError(f"{self.label}: expected exactly one train/<class>/<image> tree, found {len(roots)}")
         self.root = roots.pop()
 
     def read(self, rel: PurePosixPath) -> bytes:
@@ -195,7 +201,7 @@ def _decode(tree: _Tree, files: list[PurePosixPath], size: int) -> np.ndarray:
                     im = im.resize((size, size), Image.BILINEAR)
                 out[i] = np.asarray(im)
         except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{tree.path}:{f} ({type(e).__name__}: {e})")
+            bad.append(f"{tree.label}:{f} ({type(e).__name__}: {e})")
     if bad:
         raise DataError(f"{len(bad)} unreadable image(s): " + "; ".join(bad[:10]) + (" ..." if len(bad) > 10 else ""))
     return out
@@ -210,12 +216,61 @@ def _yaml_map(text, source: str):
         raise DataError(f"{source}: superclass map is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
 
 
-def load_imagefolder(cfg: DataConfig):
-    tree = _Tree(Path(cfg.path))
-    if cfg.superclass_map:
-        map_path = Path(cfg.superclass_map)
+@contextlib.contextmanager
+def _local(path: str, s3: S3Config | None):
+    """data.path as a local path: itself, or an s3:// URI fetched to a temporary location (removed
+    afterwards): an object ending in .zip is downloaded as the zip, any other prefix as a tree.
+    Credentials come from boto3's default chain, as for export's upload (tailor.export.s3)."""
+    if not path.startswith("s3://"):
+        yield Path(path)
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tailor.export.s3 import S3Error, download_repository, parse_s3_url, s3_client
+
+    try:
+        url = parse_s3_url(path)
+    except ValueError as e:
+        raise DataError(f"data.path {path}: {e}") from None
+    with tempfile.TemporaryDirectory(prefix="tailor-data-") as tmp:
         try:
-            raw_map, map_source = _yaml_map(map_path.read_text(), str(map_path)), str(map_path)
+            client = s3_client(s3)
+            if url.prefix.endswith(".zip"):
+                local = Path(tmp) / PurePosixPath(url.prefix).name
+                client.download_file(url.bucket, url.prefix, str(local))
+            else:
+                local = Path(tmp) / "tree"
+                download_repository(path, local, client)
+        except (S3Error, ClientError, BotoCoreError) as e:
+            raise DataError(f"data.path {path}: {e}") from None
+        yield local
+
+
+def _read_text(path: str, s3: S3Config | None) -> str:
+    """A small text file (the superclass map) from a local path or an s3:// URI."""
+    if not path.startswith("s3://"):
+        return Path(path).read_text()
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from tailor.export.s3 import S3Error, parse_s3_url, s3_client
+
+    try:
+        url = parse_s3_url(path)
+        return s3_client(s3).get_object(Bucket=url.bucket, Key=url.prefix)["Body"].read().decode()
+    except (ValueError, S3Error, ClientError, BotoCoreError) as e:
+        raise DataError(f"{path}: superclass map not readable: {e}") from None
+
+
+def load_imagefolder(cfg: DataConfig, s3: S3Config | None = None):
+    with _local(cfg.path, s3) as local:
+        return _load_tree(cfg, _Tree(local, cfg.path), s3)
+
+
+def _load_tree(cfg: DataConfig, tree: _Tree, s3: S3Config | None):
+    if cfg.superclass_map:
+        map_path = cfg.superclass_map
+        try:
+            raw_map, map_source = _yaml_map(_read_text(map_path, s3), map_path), map_path
         except FileNotFoundError:
             raise DataError(f"{map_path}: superclass map not found") from None
     else:
@@ -282,12 +337,12 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
 
 
-def build(cfg: DataConfig, seed: int):
-    """(meta, {split: (x, y)}) for the configured source."""
+def build(cfg: DataConfig, seed: int, s3: S3Config | None = None):
+    """(meta, {split: (x, y)}) for the configured source; `s3`: how to reach an s3:// data.path."""
     if cfg.source == "synthetic":
         mapping, train, test = make_synthetic(cfg.synthetic, cfg.image_size, seed)
     elif cfg.source == "imagefolder":
-        mapping, train, test = load_imagefolder(cfg)
+        mapping, train, test = load_imagefolder(cfg, s3)
     else:
         mapping, train, test = load_cifar100(cfg)
     classes, superclasses, class_sc = _order(mapping)
@@ -395,3 +450,32 @@ class Batches:
             m = (torch.rand(n, generator=g) < 0.5).to(x.device)[:, None, None, None]
             x = torch.where(m, x.flip(3), x)
         return x
+
+
+def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = False) -> dict:
+    """The prepare-data stage: split, decode and write the dataset (the format above) with its metrics.
+    It lives here, not in tailor.stages, so the stage loads no training code (dvc.yaml's deps stay
+    this module and config / utils)."""
+    t0 = time.perf_counter()
+    check_replaceable(Path(out_dir), force)  # before minutes of decoding, not after
+    meta, splits = build(p.data, p.seed, p.export.s3)
+    _check_superclass_names(p, meta)
+    with atomic_dir(out_dir, force) as tmp:
+        write(tmp, meta, splits, provenance(p, "prepare-data"))
+    metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
+               **{f"{k}_images": len(v[1]) for k, v in splits.items()}, "image_size": meta.image_size,
+               "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(metrics_path, metrics)
+    log(f"prepare-data: {metrics}")
+    return metrics
+
+
+def _check_superclass_names(p: Params, meta: Meta) -> None:
+    """Superclasses that params name must be the data's: checked by the first stage, not the last."""
+    named = [("search.superclasses", s) for s in (p.search.superclasses or [])]
+    named += [(f"retrain.scenarios[{i}].superclass", s.superclass) for i, s in enumerate(p.retrain.scenarios)
+              if s.superclass is not None]
+    bad = [f"{where} {name!r}" for where, name in named if name not in meta.superclasses]
+    if bad:
+        raise DataError(f"{', '.join(bad)}: not a superclass of the data ({p.data.source}: "
+                                f"{', '.join(meta.superclasses)})")

@@ -217,8 +217,8 @@ def _first_lut(lut_dir: Path | None) -> dict | None:
 def write_plots(metrics_dir: Path, search_results: Path | None, lut_dir: Path | None, plots_dir: Path,
                 link_base: Path) -> list[str]:
     """The Pareto PNGs (per superclass: accuracy vs MAdds and vs latency) and the flat JSON files
-    `dvc plots` reads (dvc.yaml's plots: section): Pareto points and every training curve.
-    Returns the Markdown lines that show the PNGs (paths relative to link_base)."""
+    `dvc plots` reads (dvc.yaml's plots: section): Pareto points, every training curve and each
+    latency table's predicted-vs-measured points. Returns the Markdown lines that show the PNGs (paths relative to link_base)."""
     import os
 
     from tailor.pareto import plot_grid, points
@@ -250,6 +250,15 @@ def write_plots(metrics_dir: Path, search_results: Path | None, lut_dir: Path | 
             c.setdefault("loss", round(c.get("ce", 0.0) + c.get("kd", 0.0), 6))
         if curve:
             atomic_write_json(plots_dir / "training" / f"{name}.json", curve)
+    # One scatter per profiled target: each profiled subnet's LUT prediction against its measured time.
+    from tailor.latency import load_lut
+
+    shutil.rmtree(plots_dir / "lut", ignore_errors=True)
+    for path in sorted(Path(lut_dir).glob("*.json")) if lut_dir and Path(lut_dir).is_dir() else []:
+        t = load_lut(path)
+        pts = [{"arch": n["arch"], "measured_ms": n["measured_ms"], "predicted_ms": n["predicted_ms"], "set": kind}
+               for kind in ("calibration", "held_out") for n in t["networks"][kind]]
+        atomic_write_json(plots_dir / "lut" / f"{t['target_name']}.json", pts)
     lines = []
     madds = plot_grid(rows, "madds_m", "MAdds (M)", "Test top-1 vs MAdds, per superclass", plots_dir / "pareto-madds.png")
     lines.append(f"![accuracy vs MAdds]({os.path.relpath(madds, link_base)})")

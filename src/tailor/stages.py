@@ -5,7 +5,6 @@ written atomically, and every artifact records the params and code version it ca
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -17,34 +16,7 @@ from tailor.space import Arch, SearchSpace
 from tailor.supernet import SuperNet, recalibrate_bn
 from tailor.context import Context, _summary, load_supernet, provenance, save_specialized, save_supernet  # noqa: F401
 from tailor.train import autocast, evaluate, fit, make_optimizer, masked_cross_entropy, warmup_cosine
-from tailor.utils import atomic_dir, atomic_write_json, check_replaceable, file_hash, fingerprint, log, read_json
-
-
-# ---------------------------------------------------------------- prepare-data
-def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = False) -> dict:
-    t0 = time.perf_counter()
-    check_replaceable(Path(out_dir), force)  # before minutes of decoding, not after
-    meta, splits = datamod.build(p.data, p.seed)
-    _check_superclass_names(p, meta)
-    with atomic_dir(out_dir, force) as tmp:
-        datamod.write(tmp, meta, splits, provenance(p, "prepare-data"))
-    metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
-               **{f"{k}_images": len(v[1]) for k, v in splits.items()}, "image_size": meta.image_size,
-               "seconds": round(time.perf_counter() - t0, 2)}
-    atomic_write_json(metrics_path, metrics)
-    log(f"prepare-data: {metrics}")
-    return metrics
-
-
-def _check_superclass_names(p: Params, meta: Meta) -> None:
-    """Superclasses that params name must be the data's: checked by the first stage, not the last."""
-    named = [("search.superclasses", s) for s in (p.search.superclasses or [])]
-    named += [(f"retrain.scenarios[{i}].superclass", s.superclass) for i, s in enumerate(p.retrain.scenarios)
-              if s.superclass is not None]
-    bad = [f"{where} {name!r}" for where, name in named if name not in meta.superclasses]
-    if bad:
-        raise datamod.DataError(f"{', '.join(bad)}: not a superclass of the data ({p.data.source}: "
-                                f"{', '.join(meta.superclasses)})")
+from tailor.utils import atomic_write_json, file_hash, fingerprint, log, read_json
 
 
 # ---------------------------------------------------------------- train-teacher
@@ -335,7 +307,7 @@ def report(p: Params, metrics_dir: Path, search_table: Path, out_md: Path, summa
 
 # Stage bodies that live beside their domain, still callable as stages.<name> by the CLI and the KFP
 # components; imported on first use so that a training step does not load onnx and tritonclient.
-_ELSEWHERE = {"export": "tailor.export.stage", "ExportError": "tailor.export.stage", "serve_check": "tailor.serve",
+_ELSEWHERE = {"prepare_data": "tailor.data", "export": "tailor.export.stage", "ExportError": "tailor.export.stage", "serve_check": "tailor.serve",
               "load_specialized": "tailor.context"}
 
 

@@ -17,11 +17,35 @@ from tailor.data import Batches, Meta
 from tailor.utils import CheckpointError, atomic_torch_save, load_checkpoint, log
 
 
+class DeviceError(ValueError):
+    """runtime.device asks for hardware this process cannot use."""
+
+
+def _nvidia_device_nodes() -> list[str]:
+    # The driver's device nodes exist whenever a GPU is mounted into the container, even when the
+    # driver is too old for this torch's CUDA runtime (then torch.cuda.is_available() is False).
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+
+
+def _cuda_unusable() -> str:
+    nodes = _nvidia_device_nodes()
+    seen = (f"NVIDIA device nodes {', '.join(nodes)} exist, so the driver is likely older than this "
+            f"runtime needs (nvidia-smi shows its version; docs/kfp.md lists the minimum)") if nodes else \
+        "no NVIDIA device is visible to this process"
+    return (f"runtime.device is 'cuda' but torch {torch.__version__} (CUDA runtime {torch.version.cuda}) "
+            f"cannot use CUDA: {seen}")
+
+
 def resolve_device(rt: RuntimeConfig) -> torch.device:
+    """cuda: CUDA or a DeviceError naming why not. auto: CUDA when usable, else the CPU, with a
+    warning when a GPU is mounted but unusable (a driver too old would otherwise go unnoticed)."""
     if rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("runtime.device is 'cuda' but no CUDA device is available")
+            raise DeviceError(_cuda_unusable())
         return torch.device("cuda")
+    if rt.device == "auto" and _nvidia_device_nodes():
+        log(f"warning: training on the CPU: {_cuda_unusable().split(': ', 1)[1]}; "
+            "set runtime.device: cuda to make this an error")
     if rt.threads:
         torch.set_num_threads(rt.threads)
     return torch.device("cpu")

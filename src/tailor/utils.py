@@ -16,6 +16,11 @@ from pathlib import Path
 import torch
 
 
+def provenance(p, stage: str) -> dict:
+    """What every artifact records: its stage, the code version and the params (a tailor.config.Params)."""
+    return {"stage": stage, "code_version": code_version(), "params": p.model_dump(mode="json")}
+
+
 def log(msg: str) -> None:
     print(f"[tailor {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 

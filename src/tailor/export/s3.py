@@ -1,8 +1,11 @@
 """Upload / download a Triton model repository to / from S3 (or any S3-protocol server).
 
-Endpoint and credentials come from the environment only (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, optional AWS_SESSION_TOKEN, AWS_DEFAULT_REGION or AWS_REGION); they are
-never read from params and never logged.
+Credentials come from boto3's default chain: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and
+AWS_SESSION_TOKEN) in the environment, else a web identity (AWS_ROLE_ARN and
+AWS_WEB_IDENTITY_TOKEN_FILE: EKS IRSA, or any OIDC federation), a profile (AWS_PROFILE,
+AWS_SHARED_CREDENTIALS_FILE), container credentials, or the node's instance profile. Endpoint
+(AWS_ENDPOINT_URL) and region (AWS_DEFAULT_REGION / AWS_REGION, or the profile's) come from the
+same places. Nothing is read from params, and no credential is ever logged.
 
 An upload is complete or absent: objects go to a staging prefix, are verified (size and MD5
 ETag), copied into the final prefix, verified again, and staging is removed. On any failure
@@ -77,17 +80,26 @@ def triton_repository_url(url: str, endpoint_url: str | None = None) -> str:
 
 
 def s3_client(settings: S3Config):
-    """A boto3 S3 client configured from the environment only, with bounded retries/timeouts."""
+    """A boto3 S3 client from the default credential chain, with bounded retries/timeouts.
+
+    Half a static key pair is an error, not a fall-through to another identity: a typo in one of
+    the two variables must not silently run as the node's role."""
     import boto3
     from botocore.config import Config
 
     key_id = os.environ.get("AWS_ACCESS_KEY_ID")
     secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if not key_id or not secret:
-        raise S3Error("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set in the environment")
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-    if not region:
-        raise S3Error("AWS_DEFAULT_REGION (or AWS_REGION) must be set in the environment")
+    if bool(key_id) != bool(secret):
+        missing = "AWS_SECRET_ACCESS_KEY" if key_id else "AWS_ACCESS_KEY_ID"
+        raise S3Error(f"{missing} is not set but its pair is: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                      "or neither (to use a web identity, profile or instance role)")
+    session = boto3.session.Session()
+    creds = session.get_credentials()
+    if creds is None:
+        raise S3Error("no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_ROLE_ARN "
+                      "and AWS_WEB_IDENTITY_TOKEN_FILE (IRSA), or AWS_PROFILE, or run where an instance role applies")
+    if not session.region_name:
+        raise S3Error("AWS_DEFAULT_REGION (or AWS_REGION, or a profile's region) must be set")
     config = Config(
         retries={"total_max_attempts": settings.max_attempts, "mode": "standard"},
         connect_timeout=settings.connect_timeout_s,
@@ -95,13 +107,7 @@ def s3_client(settings: S3Config):
         # A custom endpoint (minio, moto, ceph) rarely serves virtual-host bucket names.
         s3={"addressing_style": "path"},
     )
-    # A fresh Session so that ~/.aws files and profiles play no part: environment only.
-    session = boto3.session.Session(
-        aws_access_key_id=key_id,
-        aws_secret_access_key=secret,
-        aws_session_token=os.environ.get("AWS_SESSION_TOKEN") or None,
-        region_name=region,
-    )
+    log.info("S3 credentials from %s", creds.method)  # the source (env, assume-role-with-web-identity, ...), no secret
     return session.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None, config=config)
 
 
