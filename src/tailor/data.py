@@ -228,6 +228,8 @@ def _local(path: str, s3: S3Config | None):
 
     from tailor.export.s3 import S3Error, download_repository, parse_s3_url, s3_client
 
+    if s3 is None:
+        raise ValueError(f"data.path {path}: reading s3:// needs the export.s3 settings (build(..., s3=p.export.s3))")
     try:
         url = parse_s3_url(path)
     except ValueError as e:
@@ -254,6 +256,8 @@ def _read_text(path: str, s3: S3Config | None) -> str:
 
     from tailor.export.s3 import S3Error, parse_s3_url, s3_client
 
+    if s3 is None:
+        raise ValueError(f"{path}: reading s3:// needs the export.s3 settings (build(..., s3=p.export.s3))")
     try:
         url = parse_s3_url(path)
         return s3_client(s3).get_object(Bucket=url.bucket, Key=url.prefix)["Body"].read().decode()

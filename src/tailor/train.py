@@ -27,13 +27,13 @@ def _nvidia_device_nodes() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
 
 
-def _cuda_unusable() -> str:
+def _why_no_cuda() -> str:
     nodes = _nvidia_device_nodes()
-    seen = (f"NVIDIA device nodes {', '.join(nodes)} exist, so the driver is likely older than this "
-            f"runtime needs (nvidia-smi shows its version; docs/kfp.md lists the minimum)") if nodes else \
-        "no NVIDIA device is visible to this process"
-    return (f"runtime.device is 'cuda' but torch {torch.__version__} (CUDA runtime {torch.version.cuda}) "
-            f"cannot use CUDA: {seen}")
+    if not nodes:
+        return "no NVIDIA device is visible to this process"
+    return (f"NVIDIA device nodes {', '.join(nodes)} exist, so the driver is likely older than torch "
+            f"{torch.__version__} (CUDA runtime {torch.version.cuda}) needs (nvidia-smi shows its version; "
+            "docs/kfp.md lists the minimum)")
 
 
 def resolve_device(rt: RuntimeConfig) -> torch.device:
@@ -41,11 +41,11 @@ def resolve_device(rt: RuntimeConfig) -> torch.device:
     warning when a GPU is mounted but unusable (a driver too old would otherwise go unnoticed)."""
     if rt.device == "cuda" or (rt.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise DeviceError(_cuda_unusable())
+            raise DeviceError(f"runtime.device is 'cuda' but torch {torch.__version__} (CUDA runtime "
+                              f"{torch.version.cuda}) cannot use CUDA: {_why_no_cuda()}")
         return torch.device("cuda")
     if rt.device == "auto" and _nvidia_device_nodes():
-        log(f"warning: training on the CPU: {_cuda_unusable().split(': ', 1)[1]}; "
-            "set runtime.device: cuda to make this an error")
+        log(f"warning: training on the CPU: {_why_no_cuda()}; set runtime.device: cuda to make this an error")
     if rt.threads:
         torch.set_num_threads(rt.threads)
     return torch.device("cpu")
