@@ -194,7 +194,7 @@ def _pct(v: float) -> str:
     return f"{100 * v:.1f}"
 
 
-BASELINE = "sandwich"  # the variant run with the preset alone (no recipe overlay)
+BASELINE = "sandwich"  # the reference of every tau difference: the preset's recipe before this benchmark
 
 
 def seed_of(run: dict) -> int:
@@ -202,11 +202,13 @@ def seed_of(run: dict) -> int:
 
 
 def group(runs: list[dict]) -> dict[str, dict[int, dict]]:
-    """Recipe name -> {training seed: run}, recipes in the order they were first run."""
+    """Recipe name -> {training seed: run}: the baseline first, then the recipes trained at most
+    seeds (the table's best-supported rows), then in the order they were first run."""
     out: dict[str, dict[int, dict]] = {}
     for r in sorted(runs, key=lambda r: r["date"]):
         out.setdefault(r["name"], {})[seed_of(r)] = r
-    return out
+    order = sorted(out, key=lambda name: (name != BASELINE, -len(out[name])))  # stable: first-run order within
+    return {name: out[name] for name in order}
 
 
 def _tau(r: dict) -> float:
@@ -218,7 +220,7 @@ def _ci(d: dict, digits: int = 3) -> str:
     return f"{d['mean']:+.{digits}f} [{d['lo']:+.{ci}f}, {d['hi']:+.{ci}f}]"
 
 
-def over_seeds(x: dict[int, dict], y: dict[int, dict], one_seed, value, digits: int = 3) -> str:
+def over_seeds(x: dict[int, dict], y: dict[int, dict], one_seed, value, digits: int = 3, unit: str = "") -> str:
     """x minus y. With >= 2 common training seeds: the mean of the per-seed differences with a
     95% t-CI over seeds (training noise). With one: `one_seed(x_run, y_run)`, a bootstrap CI that
     covers the architectures' or images' draw but not the training seed."""
@@ -229,7 +231,7 @@ def over_seeds(x: dict[int, dict], y: dict[int, dict], one_seed, value, digits: 
         return "-"
     if len(common) == 1:
         return one_seed(x[common[0]], y[common[0]]) + " (1 seed)"
-    return _ci(mean_ci([value(x[s]) - value(y[s]) for s in common]), digits) + f" ({len(common)} seeds)"
+    return _ci(mean_ci([value(x[s]) - value(y[s]) for s in common]), digits) + f"{unit} ({len(common)} seeds)"
 
 
 def _mean_row(runs: dict[int, dict], key: str, ci_key: str) -> str:
@@ -307,7 +309,7 @@ def _paired_min(a: dict, b: dict) -> str:
         return "(per-image hits not recorded)"
     groups = [(as_hits(ca[sc]), as_hits(cb[sc])) for sc in ca]
     d = paired_bootstrap(groups)
-    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] points"
 
 
 def dtau(x: dict, y: dict) -> str:
@@ -326,18 +328,20 @@ def claims(recipes: dict[str, dict[int, dict]]) -> list[str]:
     out = []
     for name in sorted(recipes):
         if name.endswith("-els") and name[:-4] in recipes:
-            out.append(f"- ELS ({name} - {name[:-4]}): tau {over_seeds(recipes[name], recipes[name[:-4]], dtau, _tau)}.")
+            x, y = recipes[name], recipes[name[:-4]]
+            out.append(f"- ELS ({name} - {name[:-4]}): tau {over_seeds(x, y, dtau, _tau)}; min subnet accuracy "
+                       f"{over_seeds(x, y, _paired_min, _min_acc, 1, ' points')}.")
     if "curriculum" in recipes and BASELINE in recipes:
         cur, base = recipes["curriculum"], recipes[BASELINE]
         out.append(f"- Curriculum - direct ({BASELINE}), equal epochs: min subnet accuracy "
-                   f"{over_seeds(cur, base, _paired_min, _min_acc, 1)} points (AdaSearch: >= +1); "
+                   f"{over_seeds(cur, base, _paired_min, _min_acc, 1, ' points')} (AdaSearch: >= +1); "
                    f"tau {over_seeds(cur, base, dtau, _tau)}.")
     qs = sorted((next(iter(runs.values()))["recipe"]["superclass_dropout"], name) for name, runs in recipes.items()
                 if name in {BASELINE, "q0", "q0.3", "q0.6"})
     if len(qs) > 1 and qs[0][0] == 0:
         zero = recipes[qs[0][1]]
         out += [f"- Superclass dropout q = {q} - q = 0: min subnet accuracy "
-                f"{over_seeds(recipes[name], zero, _paired_min, _min_acc, 1)} points; "
+                f"{over_seeds(recipes[name], zero, _paired_min, _min_acc, 1, ' points')}; "
                 f"tau {over_seeds(recipes[name], zero, dtau, _tau)}." for q, name in qs[1:]]
     return (["Claims, each a paired difference [95% CI]:"] + out) if out else []
 

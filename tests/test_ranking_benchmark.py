@@ -83,7 +83,8 @@ def test_recipe_differences_are_paired_by_seed(ranking):
     assert ranking.over_seeds(x, y, None, ranking._tau) == \
         f"{d['mean']:+.3f} [{d['lo']:+.2f}, {d['hi']:+.2f}] (3 seeds)"
     m = mean_ci([-1.0, 2.0, 1.0])
-    assert ranking.over_seeds(x, y, None, ranking._min_acc, 1) == f"{m['mean']:+.1f} [{m['lo']:+.1f}, {m['hi']:+.1f}] (3 seeds)"
+    assert ranking.over_seeds(x, y, None, ranking._min_acc, 1, " points") == \
+        f"{m['mean']:+.1f} [{m['lo']:+.1f}, {m['hi']:+.1f}] points (3 seeds)"
     # One common seed: the per-run (bootstrap) comparison it is given, labelled as such.
     assert ranking.over_seeds({0: x[0]}, y, lambda a, b: f"{a['seed']}-{b['seed']}", ranking._tau) == "0-0 (1 seed)"
     assert ranking.over_seeds({5: x[0]}, y, None, ranking._tau) == "-"
