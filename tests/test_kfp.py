@@ -547,9 +547,14 @@ def test_hadolint_passes():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_lock_matches_pyproject_pins():
-    lock = dict(line.split("==") for line in (ROOT / "containers" / "requirements.lock").read_text().splitlines()
+def locked() -> dict[str, str]:
+    """containers/requirements.lock as {canonical name: version}."""
+    return dict(line.split("==") for line in (ROOT / "containers" / "requirements.lock").read_text().splitlines()
                 if line and not line.startswith("#"))
+
+
+def test_lock_matches_pyproject_pins():
+    lock = locked()
     canon = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in pins().items()}
     wrong = {k: (v, lock.get(k)) for k, v in canon.items() if lock.get(k) != v}
     assert not wrong, f"containers/requirements.lock disagrees with pyproject.toml: {wrong}; " \
@@ -561,8 +566,7 @@ def test_the_tests_run_on_the_locked_versions():
     every locked package here has the version the images get."""
     from importlib.metadata import PackageNotFoundError, version
 
-    lock = dict(line.split("==") for line in (ROOT / "containers" / "requirements.lock").read_text().splitlines()
-                if line and not line.startswith("#"))
+    lock = locked()
     found = {}
     for name, want in lock.items():
         try:
