@@ -103,8 +103,21 @@ def train_standalone(p, ctx, arch, epochs: int, work: Path, fp: str) -> dict:
             "test_top1": test["top1"], "train_seconds": round(res.seconds, 1)}
 
 
-def standalone_path(data_name: str) -> Path:
-    return RESULTS / f"ranking-standalone-{data_name}.json"
+def standalone_path(data_name: str, truth: str = "") -> Path:
+    """The stand-alone figures: the stock recipe's, or another recipe's named `truth` (e.g. e8)."""
+    return RESULTS / f"ranking-standalone-{data_name}{'-' + truth if truth else ''}.json"
+
+
+def rescored(run: dict, sa: dict) -> dict:
+    """A variant's run scored against other stand-alone figures (the same supernet accuracies, on the
+    architectures those figures have so far: a stand-alone run is cached per architecture and may be
+    partial): no supernet is retrained to change the ground truth."""
+    from tailor.stats import rank_agreement
+
+    archs = [{**a, "standalone": sa["results"][a["arch"]]["test_sc_top1_mean"]} for a in run["archs"]
+             if a["arch"] in sa["results"]]
+    agree = rank_agreement([a["supernet"] for a in archs], [a["standalone"] for a in archs], seed=seed_of(run))
+    return {**run, "archs": archs, "ranking": agree}
 
 
 def cmd_standalone(args, p) -> dict:
@@ -118,7 +131,7 @@ def cmd_standalone(args, p) -> dict:
     recipe = {"seed": p.seed, "epochs": epochs, "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
               "space": p.space.model_dump(), "data": file_hash(data / "meta.json"), "archs": args.archs}
     fp = fingerprint("ranking-standalone", recipe)
-    path = standalone_path(args.data_name)
+    path = standalone_path(args.data_name, args.truth)
     out = json.loads(path.read_text()) if path.exists() else {}
     if out.get("fingerprint") != fp:
         out = {"benchmark": "ranking-standalone", "fingerprint": fp, "recipe": recipe, "results": {}}
@@ -243,12 +256,13 @@ def _mean_row(runs: dict[int, dict], key: str, ci_key: str) -> str:
     return _ci(mean_ci([r["ranking"][key] for r in runs.values()]))
 
 
-def markdown(data_name: str) -> str:
+def markdown(data_name: str, truth: str = "") -> str:
     from tailor.stats import kendall_tau
 
-    sa_file = standalone_path(data_name)
+    sa_file = standalone_path(data_name, truth)
     sa = json.loads(sa_file.read_text())
-    recipes = group([json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")])
+    runs = [json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")]
+    recipes = group([rescored(r, sa) if truth else r for r in runs])
     srs = sorted(sa["results"].values(), key=lambda r: r["madds"])
     lines = [
         f"Stand-alone: {len(srs)} architectures ({srs[0]['madds'] / 1e6:.2f} to {srs[-1]['madds'] / 1e6:.2f} M MAdds) "
@@ -357,6 +371,9 @@ def main(argv=None) -> None:
         s.add_argument("--data-name", default="tin-sc10-cpu", help="names the results files")
     sub.choices["standalone"].add_argument("--archs", type=int, default=20)
     sub.choices["standalone"].add_argument("--epochs", type=int, default=None, help="default: the stock anchors' epochs")
+    truth_help = ("names another stand-alone recipe's results (ranking-standalone-<data>-<truth>.json); "
+                  "default: the stock recipe's")
+    sub.choices["standalone"].add_argument("--truth", default="", help=truth_help)
     v = sub.choices["variant"]
     v.add_argument("--name", required=True, help="the recipe's name: runs of one name at several seeds are one row")
     v.add_argument("--seed", type=int, default=None,
@@ -365,10 +382,12 @@ def main(argv=None) -> None:
     v.add_argument("--max-wait", type=float, default=600)
     t = sub.add_parser("table")
     t.add_argument("--data-name", default="tin-sc10-cpu")
+    t.add_argument("--truth", default="", help=truth_help)
     args = ap.parse_args(argv)
     if args.cmd == "table":
-        upsert_section(RESULTS_MD, f"Supernet ranking: {args.data_name}", markdown(args.data_name))
-        print(markdown(args.data_name))
+        title = f"Supernet ranking: {args.data_name}" + (f", stand-alone {args.truth}" if args.truth else "")
+        upsert_section(RESULTS_MD, title, markdown(args.data_name, args.truth))
+        print(markdown(args.data_name, args.truth))
         return
     from tailor.config import load_params
 

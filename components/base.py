@@ -24,7 +24,7 @@ IMAGE = os.environ.get("TAILOR_IMAGE") or DEFAULT_IMAGE
 GPU_IMAGE = os.environ.get("TAILOR_GPU_IMAGE") or DEFAULT_GPU_IMAGE
 
 RUNTIME_FUNCS = [runtime.load_params, runtime.log_metrics, runtime.work_dir, runtime.check_placement,
-                 runtime.scoped_repo_url, runtime.with_data_uri]
+                 runtime.scoped_repo_url]
 
 # install_kfp_package=False: the image already has the pinned kfp, and pods may have no network.
 # The pipeline sets each task's image (CPU or CUDA) from its `image` / `gpu_image` parameters.

@@ -17,5 +17,5 @@ def export(params_yaml: str, repo_url: str, run_id: str, run_scoped_repo: bool, 
     from tailor import stages
 
     url = scoped_repo_url(repo_url, run_id, run_scoped_repo)
-    log_metrics(metrics, stages.export(load_params(params_yaml), [Path(m.path) for m in models], Path(data.path),
-                                       url or repository.path, Path(metrics.path), Path(onnx.path)))
+    log_metrics(metrics, stages.export(load_params(params_yaml, "export"), [Path(m.path) for m in models],
+                                       Path(data.path), url or repository.path, Path(metrics.path), Path(onnx.path)))

@@ -1,7 +1,7 @@
 from kfp.dsl import Dataset, Metrics, Output
 
 from components.base import tailor_component
-from components.runtime import load_params, log_metrics, with_data_uri  # embedded in the component too
+from components.runtime import load_params, log_metrics  # embedded in the component too
 
 
 @tailor_component
@@ -12,5 +12,5 @@ def prepare_data(params_yaml: str, data_uri: str, data: Output[Dataset], metrics
 
     from tailor import stages
 
-    p = with_data_uri(load_params(params_yaml), data_uri)
-    log_metrics(metrics, stages.prepare_data(p, Path(data.path), Path(metrics.path)))
+    log_metrics(metrics, stages.prepare_data(load_params(params_yaml, "prepare-data", data_uri=data_uri),
+                                             Path(data.path), Path(metrics.path)))

@@ -12,6 +12,6 @@ def profile_latency(params_yaml: str, target: str, placement_json: str, data: In
 
     from tailor import stages
 
-    p = load_params(params_yaml)
+    p = load_params(params_yaml, "profile-latency")
     check_placement(p, target, placement_json)
     log_metrics(metrics, stages.profile_latency(p, Path(data.path), Path(luts.path), Path(metrics.path), [target]))

@@ -44,6 +44,6 @@ def report(params_yaml: str, data: Input[Metrics], teacher: Input[Metrics], supe
 
     metrics_dir = gather_metrics({"data": data, "teacher": teacher, "supernet": supernet, "stock": stock,
                                   "latency": latency, "search": search, "export": export, "serve": serve}, retrain)
-    log_metrics(metrics, stages.report(load_params(params_yaml), metrics_dir, Path(search_table.path),
+    log_metrics(metrics, stages.report(load_params(params_yaml, "report"), metrics_dir, Path(search_table.path),
                                        Path(report.path), Path(metrics.path), Path(luts.path),
                                        Path(search_results.path) / "results.json", Path(plots.path)))

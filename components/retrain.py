@@ -13,7 +13,7 @@ def retrain(params_yaml: str, scenario: str, data: Input[Dataset], supernet: Inp
 
     from tailor import stages
 
-    p, (superclass, budget) = load_params(params_yaml), scenario.rsplit("@", 1)
+    p, (superclass, budget) = load_params(params_yaml, "retrain"), scenario.rsplit("@", 1)
     log_metrics(metrics, stages.retrain(p, Path(data.path), Path(supernet.path), superclass, float(budget),
                                         stages.choose_arch(p, Path(search.path), superclass, float(budget)),
                                         Path(model.path), Path(metrics.path),

@@ -3,29 +3,30 @@ component, so each must import what it uses inside its own body and call nothing
 """
 
 
-def load_params(params_yaml: str, luts=None):
-    """The run's params (params.yaml content, presets already merged), validated like the CLI's.
+def load_params(params_yaml: str, stage: str, luts=None, data_uri: str = "", declared_in: str = "dvc.yaml"):
+    """The params of `stage`: params_yaml is the step's part of the run's params (split-params's
+    output for it: only the keys the stage declares, already validated as a whole there). Reading
+    any other key raises, naming the stage and the key (tailor.config.stage_params).
 
     `luts`: the profile-latency artifact of the search's cost target; search.cost.lut (a path in the
-    DVC layout, latency/<target>.json) is pointed at that table inside it.
+    DVC layout, latency/<target>.json) is pointed at that table inside it. `data_uri`: when set,
+    replaces data.path (an s3:// URI, or a path on the data volume): one pipeline, any dataset.
+    `declared_in`: where the stage's keys are declared, for the error (dvc.yaml, or the pipeline
+    for steps that are not dvc stages).
     """
     from pathlib import Path
 
-    import yaml
-
-    from tailor.config import ParamsError, params_from_dict
+    from tailor.config import parse_params_yaml, stage_params
 
     source = "pipeline parameter params_yaml"
-    try:
-        raw = yaml.safe_load(params_yaml)
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{source}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    raw = parse_params_yaml(params_yaml, source)
     lut = ((raw.get("search") or {}).get("cost") or {}).get("lut")
     if luts is not None and lut:
         raw["search"]["cost"]["lut"] = str(Path(luts.path) / Path(lut).name)
-    return params_from_dict(raw, source=source)
+    if data_uri:
+        raw["data"]["path"] = data_uri
+        source = "pipeline parameters params_yaml and data_uri"
+    return stage_params(raw, stage, source, declared_in)
 
 
 def log_metrics(artifact, metrics: dict, prefix: str = "") -> int:
@@ -62,8 +63,9 @@ def work_dir(stage: str, params_yaml: str, *inputs):
     """Where a training stage keeps its resumable checkpoint.
 
     Under $TAILOR_CHECKPOINT_ROOT (a volume that outlives the pod, see pipelines/tailor_pipeline.py)
-    the folder is keyed by the stage, the params and its inputs (artifact URIs or strings), so a
-    retried task finds its own checkpoint again and no other run's. Without it: a fresh temp dir.
+    the folder is keyed by the stage, its params (its part of them, all it reads) and its inputs
+    (artifact URIs or strings), so a retried task finds its own checkpoint again and no other
+    run's. Without it: a fresh temp dir.
     """
     import hashlib
     import os
@@ -75,7 +77,15 @@ def work_dir(stage: str, params_yaml: str, *inputs):
         return Path(tempfile.mkdtemp(prefix=f"tailor-{stage}-"))
     parts = [stage, params_yaml, *(getattr(a, "uri", None) or str(a) for a in inputs)]
     key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-    return Path(root) / stage / key
+    path = Path(root) / stage / key
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        # A freshly provisioned volume's root often belongs to root, and KFP cannot give the pod an
+        # fsGroup: say what to change rather than fail at the first checkpoint with a bare errno.
+        raise PermissionError(f"checkpoint volume {root} (TAILOR_CHECKPOINT_ROOT) is not writable by uid "
+                              f"{os.getuid()}: {e.strerror}; see docs/kfp.md, \"Checkpoints\"") from None
+    return path
 
 
 def check_placement(p, target: str, placement_json: str) -> None:
@@ -107,15 +117,3 @@ def scoped_repo_url(repo_url: str, run_id: str, run_scoped: bool) -> str:
     if not run_id or "{{" in run_id:
         raise ValueError(f"run_scoped_repo needs the run's id, got {run_id!r}")
     return f"{repo_url.rstrip('/')}/{run_id}"
-
-
-def with_data_uri(p, data_uri: str):
-    """The run's params with data.path set to the `data_uri` pipeline parameter, when one is given
-    (an s3:// URI, or a path on the data volume): one pipeline, any dataset, no params edit."""
-    if not data_uri:
-        return p
-    from tailor.config import params_from_dict
-
-    raw = p.model_dump(mode="json")
-    raw["data"]["path"] = data_uri
-    return params_from_dict(raw, source="pipeline parameter data_uri")

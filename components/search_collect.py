@@ -16,7 +16,7 @@ def search_collect(params_yaml: str, generator: Input[Artifact], evolution: Inpu
 
     from tailor import stages
 
-    log_metrics(metrics, stages.search_collect(load_params(params_yaml),
+    log_metrics(metrics, stages.search_collect(load_params(params_yaml, "search-collect"),
                                                [Path(a.path) for a in [generator, evolution, *random, *nsga2]],
                                                Path(search.path) / "results.json", Path(table.path),
                                                Path(metrics.path)))

@@ -12,5 +12,5 @@ def search_evolution(params_yaml: str, data: Input[Dataset], supernet: Input[Mod
 
     from tailor import stages
 
-    stages.search(load_params(params_yaml, luts), "evolution", Path(data.path), Path(supernet.path),
-                  Path(result.path), predictor_path=Path(predictor.path))
+    stages.search(load_params(params_yaml, "search-evolution", luts), "evolution", Path(data.path),
+                  Path(supernet.path), Path(result.path), predictor_path=Path(predictor.path))

@@ -12,5 +12,5 @@ def search_generator(params_yaml: str, data: Input[Dataset], supernet: Input[Mod
 
     from tailor import stages
 
-    stages.search(load_params(params_yaml, luts), "generator", Path(data.path), Path(supernet.path),
-                  Path(result.path), generator_out=Path(generator.path))
+    stages.search(load_params(params_yaml, "search-generator", luts), "generator", Path(data.path),
+                  Path(supernet.path), Path(result.path), generator_out=Path(generator.path))

@@ -12,5 +12,5 @@ def search_nsga2(params_yaml: str, superclass: str, data: Input[Dataset], supern
 
     from tailor import stages
 
-    stages.search(load_params(params_yaml, luts), "nsga2", Path(data.path), Path(supernet.path), Path(result.path),
-                  predictor_path=Path(predictor.path), superclasses=[superclass])
+    stages.search(load_params(params_yaml, "search-nsga2", luts), "nsga2", Path(data.path), Path(supernet.path),
+                  Path(result.path), predictor_path=Path(predictor.path), superclasses=[superclass])

@@ -12,5 +12,5 @@ def search_predictor(params_yaml: str, data: Input[Dataset], supernet: Input[Mod
 
     from tailor import stages
 
-    log_metrics(metrics, stages.search_predictor(load_params(params_yaml), Path(data.path), Path(supernet.path),
-                                                 Path(predictor.path)))
+    log_metrics(metrics, stages.search_predictor(load_params(params_yaml, "search-predictor"), Path(data.path),
+                                                 Path(supernet.path), Path(predictor.path)))

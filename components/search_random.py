@@ -12,5 +12,5 @@ def search_random(params_yaml: str, superclass: str, data: Input[Dataset], super
 
     from tailor import stages
 
-    stages.search(load_params(params_yaml, luts), "random", Path(data.path), Path(supernet.path), Path(result.path),
-                  superclasses=[superclass])
+    stages.search(load_params(params_yaml, "search-random", luts), "random", Path(data.path), Path(supernet.path),
+                  Path(result.path), superclasses=[superclass])

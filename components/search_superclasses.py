@@ -12,4 +12,5 @@ def search_superclasses(params_yaml: str, data: Input[Dataset]) -> List[str]:
     the per-superclass searches. Not a DVC stage; DVC runs each method over all of them at once."""
     from tailor.data import Meta
 
-    return list(load_params(params_yaml).search.superclasses or Meta.load(data.path).superclasses)
+    p = load_params(params_yaml, "search-superclasses", declared_in="pipelines/tailor_pipeline.py KFP_ONLY_PARAMS")
+    return list(p.search.superclasses or Meta.load(data.path).superclasses)

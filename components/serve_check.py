@@ -15,5 +15,6 @@ def serve_check(params_yaml: str, repo_url: str, run_id: str, run_scoped_repo: b
     from tailor import stages
 
     url = scoped_repo_url(repo_url, run_id, run_scoped_repo)
-    log_metrics(metrics, stages.serve_check(load_params(params_yaml), url or repository.path, Path(data.path),
-                                            Path(metrics.path), triton_http_url or None, triton_grpc_url or None))
+    log_metrics(metrics, stages.serve_check(load_params(params_yaml, "serve-check"), url or repository.path,
+                                            Path(data.path), Path(metrics.path), triton_http_url or None,
+                                            triton_grpc_url or None))

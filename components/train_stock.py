@@ -11,5 +11,5 @@ def train_stock(params_yaml: str, data: Input[Dataset], stock: Output[Model], me
 
     from tailor import stages
 
-    log_metrics(metrics, stages.train_stock(load_params(params_yaml), Path(data.path), Path(stock.path),
+    log_metrics(metrics, stages.train_stock(load_params(params_yaml, "train-stock"), Path(data.path), Path(stock.path),
                                             Path(metrics.path), work_dir("train-stock", params_yaml, data)))

@@ -12,6 +12,6 @@ def train_supernet(params_yaml: str, data: Input[Dataset], teacher: Input[Model]
 
     from tailor import stages
 
-    log_metrics(metrics, stages.train_supernet(load_params(params_yaml), Path(data.path), Path(teacher.path),
-                                               Path(supernet.path), Path(metrics.path),
+    log_metrics(metrics, stages.train_supernet(load_params(params_yaml, "train-supernet"), Path(data.path),
+                                               Path(teacher.path), Path(supernet.path), Path(metrics.path),
                                                work_dir("train-supernet", params_yaml, data, teacher)))

@@ -11,5 +11,6 @@ def train_teacher(params_yaml: str, data: Input[Dataset], teacher: Output[Model]
 
     from tailor import stages
 
-    log_metrics(metrics, stages.train_teacher(load_params(params_yaml), Path(data.path), Path(teacher.path),
-                                              Path(metrics.path), work_dir("train-teacher", params_yaml, data)))
+    log_metrics(metrics, stages.train_teacher(load_params(params_yaml, "train-teacher"), Path(data.path),
+                                              Path(teacher.path), Path(metrics.path),
+                                              work_dir("train-teacher", params_yaml, data)))

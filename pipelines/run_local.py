@@ -4,12 +4,15 @@
 
 kfp.local's SubprocessRunner(use_venv=False) executes each component as a subprocess of the current
 interpreter (so the installed `tailor` is used, no image is pulled), handles ParallelFor and
-dsl.Collected, and ignores Kubernetes settings (resources, GPUs, tolerations, volumes). Artifacts
-land under <root>/<run>/<task>/<output>; checkpoints under <root>/checkpoints.
+dsl.Collected, and ignores Kubernetes settings (resources, GPUs, tolerations, volumes). It cannot
+create the run's checkpoint volume (the KFP backend's driver does that), so the pipeline runs here as
+compiled without one, and the training steps checkpoint under <root>/checkpoints instead, where a
+retried step resumes. Artifacts land under <root>/<run>/<task>/<output>.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -18,6 +21,32 @@ from pathlib import Path
 from kfp import local
 
 from pipelines import tailor_pipeline as tp
+
+LOCAL_OPTIONS = dataclasses.replace(tp.DEFAULT_OPTIONS, checkpoints=False)
+
+
+def keep_outer_outputs_in_loops() -> None:
+    """Work around kfp.local 2.17: a ParallelFor's iterations get the loop item in place of every
+    task-output parameter the loop takes from outside it, not only in place of its items
+    (kfp.local.orchestrator.task_spec_utils.create_parameter_loop_iteration_task_spec). The loops'
+    steps take their part of the params from split-params that way; put those inputs back, for the
+    local orchestrator to resolve like any other (the KFP backend does so itself)."""
+    from kfp.local.orchestrator import task_spec_utils
+
+    original = task_spec_utils.create_parameter_loop_iteration_task_spec
+    if getattr(original, "keeps_outer_outputs", False):
+        return
+
+    def create(task_spec, loop_item, loop_task_name):
+        iteration = original(task_spec, loop_item, loop_task_name)
+        items = task_spec.parameter_iterator.items.input_parameter
+        for name, given in task_spec.inputs.parameters.items():
+            if given.HasField("task_output_parameter") and name != items:
+                iteration.inputs.parameters[name].CopyFrom(given)
+        return iteration
+
+    create.keeps_outer_outputs = True
+    task_spec_utils.create_parameter_loop_iteration_task_spec = create
 
 
 def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False, **arguments) -> Path:
@@ -30,6 +59,7 @@ def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False, 
     root = Path(root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {d for d in root.iterdir() if d.is_dir()}
+    keep_outer_outputs_in_loops()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,
                enable_caching=enable_caching)
     old = os.environ.get("TAILOR_CHECKPOINT_ROOT")
@@ -38,7 +68,7 @@ def run_local(params_yaml: str, root: str | Path, enable_caching: bool = False, 
         with warnings.catch_warnings():
             # The runner warns that the (parameterised) image name is not a Python image: it uses no image.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*", category=RuntimeWarning)
-            tp.tailor_pipeline(params_yaml=params_yaml, **arguments)
+            tp.build(LOCAL_OPTIONS)(params_yaml=params_yaml, **arguments)
     finally:
         if old is None:
             os.environ.pop("TAILOR_CHECKPOINT_ROOT", None)

@@ -118,6 +118,8 @@ def reproduced(tmp_path_factory):
     repo.mkdir()
     shutil.copy2(ROOT / "dvc.yaml", repo / "dvc.yaml")
     shutil.copytree(ROOT / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / "data" / "raw").mkdir(parents=True)  # prepare-data depends on the raw-data folder
+    shutil.copy2(ROOT / "data" / "raw" / "README.md", repo / "data" / "raw" / "README.md")
     params = deep_merge(yaml.safe_load((ROOT / "params.yaml").read_text()), yaml.safe_load(TINY.read_text()))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(repo, "git", "init", "-q")

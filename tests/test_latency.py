@@ -319,7 +319,7 @@ def test_deployed_files_are_timed_under_the_targets_session_options(p, space, tm
              for n, a in (("small", space.min_arch), ("large", space.max_arch))}
     pr = p.latency.protocol
     k = latency.DEPLOYED_SESSIONS
-    stats = latency._measure_deployed_here("cpu-ort", target, pr, files, space.image_size)  # the spy sees this process
+    stats = latency.measure_deployed("cpu-ort", target, pr, files, space.image_size, here=True)  # the spy sees this process
     assert set(stats) == {"small", "large"}
     assert all(s["calls"] == pr.repeats * pr.rounds and s["ms"] == s[f"{pr.statistic}_ms"] > 0 for s in stats.values())
     # The figure is the median of the file's sessions, each timed under the target's options.

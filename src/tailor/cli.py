@@ -17,10 +17,38 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="replace an existing out
 PresetOpt = Annotated[Optional[list[Path]], typer.Option("--preset", help="overlay YAML merged over params (repeatable)")]
 
 
-def _params(params: Path, preset: Optional[list[Path]]):
-    from tailor.config import load_params
+StageParamsOpt = Annotated[bool, typer.Option(
+    "--stage-params", help="--params holds only this stage's keys (as Kubeflow's split-params step writes them; "
+                           "a PyTorchJob's pods get such a file); reading any other key is an error")]
 
-    return load_params(params, preset or [])
+
+def _params(params: Path, preset: Optional[list[Path]], stage: Optional[str] = None):
+    """The params, or with `stage` (--stage-params) the stage's part of them (tailor.config.stage_params)."""
+    from tailor.config import ParamsError, load_params, parse_params_yaml, stage_params
+
+    if not stage:
+        return load_params(params, preset or [])
+    if preset:
+        raise ParamsError("--stage-params: the file is one stage's params, already merged; no --preset with it")
+    try:
+        text = Path(params).read_text()
+    except OSError as e:
+        raise ParamsError(f"--params {params}: cannot read it ({e.strerror})") from None
+    return stage_params(parse_params_yaml(text, str(params)), stage, str(params))
+
+
+# The commands whose training loop runs data-parallel under torchrun (tailor.distributed).
+DISTRIBUTED = ("train-teacher", "train-supernet", "retrain")
+
+
+def _join(p):
+    """Join torchrun's process group, if started by it, on the device the params will train on."""
+    import torch
+
+    from tailor import distributed
+
+    distributed.init("cuda" if p.runtime.device != "cpu" and torch.cuda.is_available() else "cpu")
+    return p
 
 
 @app.command("prepare-data")
@@ -35,22 +63,25 @@ def prepare_data(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = No
 @app.command("train-teacher")
 def train_teacher(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                   data: Path = Path("data/prepared"), out: Path = Path("models/teacher.pt"),
-                  metrics: Path = Path("metrics/teacher.json"), work_dir: Path = Path("runs/train-teacher")):
+                  metrics: Path = Path("metrics/teacher.json"), work_dir: Path = Path("runs/train-teacher"),
+                  stage_params: StageParamsOpt = False):
     """Train the largest network of the space alone (the distillation teacher)."""
     from tailor import stages
 
-    stages.train_teacher(_params(params, preset), data, out, metrics, work_dir)
+    p = _params(params, preset, "train-teacher" if stage_params else None)
+    stages.train_teacher(_join(p), data, out, metrics, work_dir)
 
 
 @app.command("train-supernet")
 def train_supernet(params: ParamsOpt = Path("params.yaml"), preset: PresetOpt = None,
                    data: Path = Path("data/prepared"), teacher: Path = Path("models/teacher.pt"),
                    out: Path = Path("models/supernet.pt"), metrics: Path = Path("metrics/supernet.json"),
-                   work_dir: Path = Path("runs/train-supernet")):
+                   work_dir: Path = Path("runs/train-supernet"), stage_params: StageParamsOpt = False):
     """Progressive shrinking with KD from the teacher and superclass dropout."""
     from tailor import stages
 
-    stages.train_supernet(_params(params, preset), data, teacher, out, metrics, work_dir)
+    p = _params(params, preset, "train-supernet" if stage_params else None)
+    stages.train_supernet(_join(p), data, teacher, out, metrics, work_dir)
 
 
 @app.command("train-stock")
@@ -159,7 +190,7 @@ def retrain(superclass: Annotated[str, typer.Option(help="the scenario's supercl
     from tailor import stages
     from tailor.space import Arch
 
-    p = _params(params, preset)
+    p = _join(_params(params, preset))
     if not math.isfinite(budget) or budget <= 0:
         raise ValueError(f"--budget {budget}: not a budget; it must be a finite number > 0")
     sid = stages.scenario_id(superclass, budget)
@@ -260,10 +291,17 @@ def main() -> None:
 
     if os.environ.get("TAILOR_TRACE_MODULES"):
         atexit.register(_trace_modules, Path(os.environ["TAILOR_TRACE_MODULES"]))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and (len(sys.argv) < 2 or sys.argv[1] not in DISTRIBUTED):
+        print(f"tailor: error: WORLD_SIZE={world} (torchrun), but only {', '.join(DISTRIBUTED)} run data-parallel; "
+              "run this command as one process", file=sys.stderr)
+        sys.exit(2)
+    ok = False
     try:
         # Outside standalone mode typer turns a KeyboardInterrupt in a command into a returned
         # exit code (130) instead of raising it: that code must become the process's status.
         rc = app(standalone_mode=False)
+        ok = not (isinstance(rc, int) and rc)
         if isinstance(rc, int) and rc:
             if rc == 130:
                 print("tailor: interrupted", file=sys.stderr)
@@ -285,6 +323,11 @@ def main() -> None:
             e.show()
             sys.exit(e.exit_code)
         raise
+    finally:
+        from tailor import distributed
+
+        if distributed.world().group:
+            distributed.shutdown(wait=ok)  # a failed rank must not wait for ranks torchrun is stopping
 
 
 if __name__ == "__main__":

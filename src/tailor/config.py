@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator,
+                      model_validator)
 
 from tailor.export.settings import ExportConfig, ServeConfig
 
@@ -557,14 +558,173 @@ def params_from_dict(raw: dict, source: str = "params", layers: list[tuple[str, 
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        # One line (the CLI prints it as its one error line); cross-field checks name their fields
-        # in the message, so pydantic's "Value error, " prefix and empty location are dropped.
-        problems = []
-        for err in e.errors():
-            where = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            origin = _defined_in(layers, tuple(err["loc"])) if layers and len(layers) > 1 and err["loc"] else None
-            if origin:
-                where = f"{where} (set in {origin})"
-            problems.append(f"{where}: {msg}" if where else msg)
-        raise ParamsError(f"{source}: invalid parameters: " + "; ".join(problems)) from None
+        raise _invalid(e, source, layers) from None
+
+
+def _invalid(e: ValidationError, source: str, layers: list[tuple[str, dict]] | None = None,
+             prefix: tuple = ()) -> ParamsError:
+    """One line (the CLI prints it as its one error line); cross-field checks name their fields in
+    the message, so pydantic's "Value error, " prefix and empty location are dropped."""
+    problems = []
+    for err in e.errors():
+        loc = (*prefix, *err["loc"])
+        where = ".".join(str(p) for p in loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        origin = _defined_in(layers, loc) if layers and len(layers) > 1 and loc else None
+        if origin:
+            where = f"{where} (set in {origin})"
+        problems.append(f"{where}: {msg}" if where else msg)
+    return ParamsError(f"{source}: invalid parameters: " + "; ".join(problems))
+
+
+def parse_params_yaml(text: str, source: str) -> dict:
+    """Params sent as YAML text (a pipeline parameter): the mapping, or one ParamsError saying why not."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{source}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+# ---------------------------------------------------------------- one stage's params
+# A stage reads only the params keys it declares (dvc.yaml's `params` lists; the Kubeflow pipeline
+# gives each step just those), so that a change to one key re-runs only the stages that read it. A
+# stage's Params hold the declared keys validated and every other key as an Undeclared stand-in,
+# so code that reads a key its stage does not declare fails instead of quietly going stale.
+
+def params_subset(full: dict, keys: list[str]) -> dict:
+    """The `keys` of `full` (params as JSON data), nested as in params.yaml. A key is a top-level
+    section or a dotted path, as dvc.yaml's params lists spell them (`supernet`, `search.cost`)."""
+    out: dict = {}
+    for key in keys:
+        src, dst = full, out
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(src, dict) or part not in src:
+                raise ParamsError(f"params key {key!r}: the params have no {'.'.join(parts[:i + 1])!r}")
+            src = src[part]
+            if i < len(parts) - 1:
+                dst = dst.setdefault(part, {})
+        dst[parts[-1]] = copy.deepcopy(src)
+    return out
+
+
+def split_params(raw: dict, steps: dict[str, list[str]], source: str = "params") -> dict[str, dict]:
+    """{step: its declared keys of `raw`}, after validating all of `raw` once, cross-field rules
+    included (a step validates only its own part, so this is where a bad run is stopped)."""
+    full = params_from_dict(raw, source=source).model_dump(mode="json")
+    return {step: params_subset(full, keys) for step, keys in steps.items()}
+
+
+class Undeclared:
+    """Stands for a params key in the Params of a stage that does not declare it: any use of its
+    value raises ParamsError naming the stage and the key (repr alone is safe, for debuggers)."""
+
+    __slots__ = ("_key", "_stage", "_declared_in")
+
+    def __init__(self, key: str, stage: str, declared_in: str):
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_declared_in", declared_in)
+
+    def _error(self, key: str | None = None) -> ParamsError:
+        return ParamsError(f"stage {self._stage} read params key {key or self._key!r}, which it does not declare: "
+                           f"add it (or its section) to the stage's params in {self._declared_in}")
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)  # protocol probes (numpy, pydantic) fall through to the methods below
+        raise self._error(f"{self._key}.{name}")
+
+    def __setattr__(self, name: str, value):
+        raise self._error()
+
+    def __repr__(self) -> str:
+        return f"<params key {self._key} not declared by {self._stage}>"
+
+    # Copying or pickling a stage's Params (e.g. into a worker process) is not reading the key.
+    def __reduce__(self):
+        return Undeclared, (self._key, self._stage, self._declared_in)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _refuse(self, *args, **kwargs):
+    raise self._error()
+
+
+# Every way of using a value (truth, iteration, numbers, comparison, text, paths, calls) raises.
+for _name in ("__bool__", "__len__", "__iter__", "__contains__", "__getitem__", "__int__", "__float__", "__index__",
+              "__complex__", "__round__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__",
+              "__str__", "__format__", "__fspath__", "__call__", "__neg__", "__pos__", "__abs__",
+              *(f"__{r}{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or")
+                for r in ("", "r"))):
+    setattr(Undeclared, _name, _refuse)
+
+
+class StageParams(Params):
+    """One stage's params (stage_params): its declared keys validated, every other one Undeclared."""
+
+    _undeclared: dict = PrivateAttr(default_factory=dict)  # pydantic `exclude` spec of the Undeclared keys
+
+    def model_dump(self, **kwargs) -> dict:
+        # The declared keys only: what the stage depends on, so what its artifacts' provenance records.
+        return super().model_dump(exclude=self._undeclared, **kwargs)
+
+    def model_dump_json(self, **kwargs) -> str:
+        return super().model_dump_json(exclude=self._undeclared, **kwargs)
+
+
+def declares(p: Params, key: str) -> bool:
+    """Whether `key` (dotted) may be read from p: always from full Params, from a stage's when declared."""
+    node = p
+    for part in key.split("."):
+        if isinstance(node, Undeclared):
+            return False
+        node = getattr(node, part)
+    return not isinstance(node, Undeclared)
+
+
+def stage_params(raw: dict, stage: str, source: str = "params", declared_in: str = "dvc.yaml") -> Params:
+    """The Params of `stage` from `raw`, the keys it declares (params_subset of validated params).
+
+    Every key present: plain, fully validated Params. Otherwise each present section or key is
+    validated by its own schema (types, ranges, the section's own rules; the rules across sections
+    were checked on the whole params, by split_params) and every absent one is Undeclared.
+    """
+    def fields(model: type[BaseModel], raw: dict, path: tuple) -> tuple[dict, dict]:
+        """(field values for model_construct, pydantic `exclude` spec of the Undeclared ones)."""
+        unknown = sorted(set(raw) - set(model.model_fields))
+        if unknown:
+            raise ParamsError(f"{source}: invalid parameters: {'.'.join((*path, unknown[0]))}: "
+                              "Extra inputs are not permitted")
+        values, undeclared = {}, {}
+        for name, field in model.model_fields.items():
+            loc = (*path, name)
+            if name not in raw:
+                values[name], undeclared[name] = Undeclared(".".join(loc), stage, declared_in), True
+                continue
+            sub = field.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel) and isinstance(raw[name], dict):
+                part, missing = fields(sub, raw[name], loc)
+                if missing:  # a partly declared section: its own rules may read what is missing
+                    values[name], undeclared[name] = sub.model_construct(**part), missing
+                    continue
+            try:
+                values[name] = TypeAdapter(Annotated[field.annotation, field]).validate_python(raw[name])
+            except ValidationError as e:
+                raise _invalid(e, source, prefix=loc) from None
+        return values, undeclared
+
+    values, undeclared = fields(Params, raw, ())
+    if not undeclared:
+        return params_from_dict(raw, source=source)
+    p = StageParams.model_construct(**values)
+    p._undeclared = undeclared
+    return p

@@ -5,6 +5,7 @@ Stage bodies (tailor.stages, tailor.supernet_training, tailor.stock, tailor.sear
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -25,12 +26,20 @@ class Context:
         self.p, self.data_dir = p, Path(data_dir)
         self.meta = Meta.load(data_dir)
         self.device = resolve_device(p.runtime)
-        self.space = SearchSpace(p.space, self.meta.image_size)
         self.num_classes = len(self.meta.classes)
         self._batches: dict[str, Batches] = {}
 
-    def batches(self, split: str, batch_size: int | None = None) -> Batches:
-        key = f"{split}:{batch_size}"
+    @functools.cached_property
+    def space(self) -> SearchSpace:
+        # On first use: the stock anchors' stage shares the context but not the space (nor params.space).
+        return SearchSpace(self.p.space, self.meta.image_size)
+
+    def batches(self, split: str, batch_size: int | None = None, augment: bool | None = None) -> Batches:
+        """`split` in batches of `batch_size` (default runtime.eval_batch_size). `augment`: whether they
+        carry params.augment for training (default: the train split's do). Only those read it, so the
+        stages that never augment (search) do not depend on params.augment."""
+        augment = split == "train" if augment is None else augment
+        key = f"{split}:{batch_size}:{augment}"
         if key not in self._batches:
             x, y = datamod.load_split(self.data_dir, split)
             rt = self.p.runtime
@@ -38,9 +47,9 @@ class Context:
             if self.device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info()
                 on_device = x.nbytes <= rt.device_data_fraction * free
+            aug = {"pad_crop": self.p.augment.pad_crop, "flip": self.p.augment.flip} if augment else {}
             self._batches[key] = Batches(x, y, self.meta, self.device, batch_size or rt.eval_batch_size,
-                                         pad_crop=self.p.augment.pad_crop, flip=self.p.augment.flip,
-                                         on_device=on_device, channels_last=rt.channels_last)
+                                         on_device=on_device, channels_last=rt.channels_last, **aug)
         return self._batches[key]
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -51,7 +60,7 @@ class Context:
 
     def recal_batches(self, seed: int):
         """A fixed, seeded sample of un-augmented training batches for BN recalibration."""
-        b = self.batches("train", self.p.runtime.bn_recal_batch_size)
+        b = self.batches("train", self.p.runtime.bn_recal_batch_size, augment=False)
         it = b.epoch(seed, augment=False)
         return [next(it)[0] for _ in range(min(self.p.runtime.bn_recal_batches, b.num_batches(True)))]
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import yaml
 
-from tailor.config import DataConfig, Params, SyntheticConfig
+from tailor.config import DataConfig, Params, SyntheticConfig, declares
 from tailor.export.settings import S3Config
 from tailor.utils import atomic_dir, atomic_write_json, check_replaceable, log, provenance
 
@@ -463,7 +463,11 @@ def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = Fal
     t0 = time.perf_counter()
     check_replaceable(Path(out_dir), force)  # before minutes of decoding, not after
     meta, splits = build(p.data, p.seed, p.export.s3)
-    _check_superclass_names(p, meta)
+    if declares(p, "search.superclasses") and declares(p, "retrain.scenarios"):
+        # Full params (the CLI, DVC): checked by the first stage. A Kubeflow step gets only the keys
+        # prepare-data declares, which leave these out so that they do not re-run it; there the
+        # retrain-scenarios step checks them, right after this one.
+        check_superclass_names(p, meta)
     with atomic_dir(out_dir, force) as tmp:
         write(tmp, meta, splits, provenance(p, "prepare-data"))
     metrics = {"source": p.data.source, "classes": len(meta.classes), "superclasses": len(meta.superclasses),
@@ -474,12 +478,13 @@ def prepare_data(p: Params, out_dir: Path, metrics_path: Path, force: bool = Fal
     return metrics
 
 
-def _check_superclass_names(p: Params, meta: Meta) -> None:
-    """Superclasses that params name must be the data's: checked by the first stage, not the last."""
+def check_superclass_names(p: Params, meta: Meta) -> None:
+    """Superclasses that params name (search.superclasses, retrain.scenarios) must be the data's:
+    checked early, not by the stage that would fail on them hours later."""
     named = [("search.superclasses", s) for s in (p.search.superclasses or [])]
     named += [(f"retrain.scenarios[{i}].superclass", s.superclass) for i, s in enumerate(p.retrain.scenarios)
               if s.superclass is not None]
     bad = [f"{where} {name!r}" for where, name in named if name not in meta.superclasses]
     if bad:
-        raise DataError(f"{', '.join(bad)}: not a superclass of the data ({p.data.source}: "
-                                f"{', '.join(meta.superclasses)})")
+        raise DataError(f"{', '.join(bad)}: not a superclass of the data ({meta.source}: "
+                        f"{', '.join(meta.superclasses)})")

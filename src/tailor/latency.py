@@ -207,8 +207,22 @@ class TorchRunner:
         return [(s.elapsed_time(e), ok) for s, e, ok in zip(starts, ends, clean)]
 
 
+@dataclass(frozen=True)
+class OnnxItem:
+    """What an OrtRunner times: a model (ONNX bytes or a file) and the array fed to its one input."""
+
+    model: bytes | str
+    feed: np.ndarray
+
+
 class OrtRunner:
-    """onnxruntime: each module exported (TorchScript exporter, static shapes) and run in its own session."""
+    """onnxruntime: each module exported (TorchScript exporter, static shapes) and run in its own session.
+
+    The sessions run in a fresh process (`measure`): on this 2-core machine onnxruntime ran the same
+    nets 25-45% slower in a process that had done PyTorch compute (tracing, parity checks) than in
+    one that had not, and a served model runs in Triton's process, which has done none. Blocks,
+    calibration nets and exported files are all timed there, so the LUT and the deployed check share
+    one condition."""
 
     def __init__(self, target: LatencyTarget):
         import onnxruntime as ort
@@ -221,11 +235,9 @@ class OrtRunner:
                                f"has {ort.get_available_providers()}")
 
     def prepare(self, module: nn.Module, shape: tuple[int, ...], gen: torch.Generator,
-                pixels: bool = False) -> Callable[[], object]:
+                pixels: bool = False) -> OnnxItem:
         x = _input(shape, gen, pixels)
-        sess = self.session(onnx_bytes(module, x))
-        feed = {"x": x.numpy()}
-        return lambda: sess.run(None, feed)
+        return OnnxItem(onnx_bytes(module, x), x.numpy())
 
     def session(self, model: bytes | str | Path):
         """An inference session under the target's conditions: for a profiled block and for an
@@ -241,6 +253,27 @@ class OrtRunner:
 
     def time_calls(self, fn: Callable[[], object], n: int) -> list[Call]:
         return _time_wall(fn, n)  # run() returns host arrays, so it has finished on any provider
+
+    def measure(self, items: dict[str, OnnxItem], protocol, label: str) -> dict[str, list[Call]]:
+        """`measure` of every item's session, in a fresh `python -m tailor.latency` process (a pickled
+        job on stdin, the calls as JSON on stdout; its progress lines go to the shared stderr)."""
+        import pickle
+        import subprocess
+
+        job = pickle.dumps((self.target, protocol, items, label))
+        r = subprocess.run([sys.executable, "-m", "tailor.latency"], input=job, stdout=subprocess.PIPE, check=False)
+        if r.returncode != 0:  # its traceback went to stderr, which the child shares with this process
+            raise RuntimeError(f"{label}: timing in a fresh process failed (exit {r.returncode})")
+        return {k: [(float(ms), bool(ok)) for ms, ok in v] for k, v in json.loads(r.stdout).items()}
+
+    def measure_here(self, items: dict[str, OnnxItem], protocol, label: str) -> dict[str, list[Call]]:
+        """`measure` in this process: the fresh process's body (and the tests' way to see the sessions)."""
+        calls = {}
+        for name, it in items.items():
+            sess = self.session(it.model)
+            calls[name] = functools.partial(sess.run, None, {sess.get_inputs()[0].name: it.feed})
+        return measure(self, calls, protocol.warmup, protocol.repeats, protocol.rounds,
+                       lambda m: log(f"{label}: {m}"))
 
 
 RUNNERS = {"torch": TorchRunner, "onnxruntime": OrtRunner}
@@ -547,7 +580,7 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
     cal_archs, held_archs = sample_archs(space, n_cal, n_held, cfg.seed)
     fr, c = space.final_resolution, space.cfg
     with torch_threads(target.threads):
-        items: dict[str, Callable[[], object]] = {
+        items: dict = {
             stem_key(space): runner.prepare(deployed_stem(space), image_shape(space.image_size, bs), gen, pixels=True),
             head_key(space, classes): runner.prepare(deployed_head(space, classes), (bs, c.widths[-1], fr, fr), gen)}
         for key, s in specs.items():
@@ -558,8 +591,12 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
                                          pixels=True)
         progress(f"profile-latency[{target_name}]: {len(specs)} blocks, 2 fixed parts, {len(nets)} subnets "
                  f"prepared in {time.perf_counter() - t_start:.1f}s")
-        samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
-                          lambda m: progress(f"profile-latency[{target_name}]: {m}"))
+    if isinstance(runner, OrtRunner):
+        samples = runner.measure(items, protocol, f"profile-latency[{target_name}]")
+    else:
+        with torch_threads(target.threads):
+            samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
+                              lambda m: progress(f"profile-latency[{target_name}]: {m}"))
     stats = {k: _stats(v, protocol) for k, v in samples.items()}
     lut = new_lut(target_name, target, protocol, space, num_classes, cfg.seed,
                   {k: v for k, v in stats.items() if not k.startswith("net:")}, classes)
@@ -594,30 +631,14 @@ def measurable_here(target: LatencyTarget) -> bool:
 
 
 def measure_deployed(target_name: str, target: LatencyTarget, protocol, onnx_files: dict[str, Path],
-                     image_size: int) -> dict[str, dict]:
+                     image_size: int, here: bool = False) -> dict[str, dict]:
     """Each exported ONNX file timed as profile() times the LUT's calibration nets: the target's
     session options, batch size and random uint8 pixels, interleaved rounds, the protocol's
-    statistic. {name: stats as in the LUT (ms = the statistic, of the median of DEPLOYED_SESSIONS
-    sessions; sessions_ms: every session's)}.
-
-    The timing runs in a fresh process, as a served model runs in Triton's: after the export
-    stage's own PyTorch work (parity checks), onnxruntime in the same process ran these nets
-    25-45% slower on this 2-core machine than in a process that had done no PyTorch compute."""
+    statistic, in a fresh process (OrtRunner; `here`: in this one). {name: stats as in the LUT
+    (ms = the statistic, of the median of DEPLOYED_SESSIONS sessions; sessions_ms: every session's)}."""
     if not measurable_here(target):
         raise RuntimeError(f"latency target {target_name!r} ({target.runtime} on {target.device}) cannot time an "
                            "exported ONNX file on this machine")
-    import pickle
-    import subprocess
-
-    job = pickle.dumps((target_name, target, protocol, {k: str(v) for k, v in onnx_files.items()}, image_size))
-    r = subprocess.run([sys.executable, "-m", "tailor.latency"], input=job, stdout=subprocess.PIPE, check=False)
-    if r.returncode != 0:  # its traceback went to stderr, which the child shares with this process
-        raise RuntimeError(f"timing the exported files for {target_name!r} failed in its process (exit {r.returncode})")
-    return json.loads(r.stdout)
-
-
-def _measure_deployed_here(target_name: str, target: LatencyTarget, protocol, onnx_files: dict[str, Path],
-                           image_size: int) -> dict[str, dict]:
     runner = OrtRunner(target)
     gen = torch.Generator().manual_seed(0)
     shape = image_shape(image_size, target.batch_size)
@@ -625,17 +646,13 @@ def _measure_deployed_here(target_name: str, target: LatencyTarget, protocol, on
     # rounds of a few milliseconds between pauses, and this 2-core VM then ran them 25-40% slower
     # than when busy (profile() interleaves about a hundred items); several sessions per file keep
     # the rounds busy and average out one session's luck. A file's figure: the median session.
-    items = {}
-    for name, path in onnx_files.items():
-        for k in range(DEPLOYED_SESSIONS):
-            sess = runner.session(path)
-            feed = {sess.get_inputs()[0].name: _input(shape, gen, True).numpy()}
-            items[(name, k)] = functools.partial(sess.run, None, feed)
-    samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
-                      lambda m: log(f"deployed latency[{target_name}]: {m}"))
+    items = {f"{name}#{k}": OnnxItem(str(path), _input(shape, gen, True).numpy())
+             for name, path in onnx_files.items() for k in range(DEPLOYED_SESSIONS)}
+    label = f"deployed latency[{target_name}]"
+    samples = (runner.measure_here if here else runner.measure)(items, protocol, label)
     out = {}
     for name in onnx_files:
-        per_session = sorted((_stats(samples[(name, k)], protocol) for k in range(DEPLOYED_SESSIONS)),
+        per_session = sorted((_stats(samples[f"{name}#{k}"], protocol) for k in range(DEPLOYED_SESSIONS)),
                              key=lambda st: st["ms"])
         out[name] = {**per_session[len(per_session) // 2], "sessions_ms": [st["ms"] for st in per_session]}
     return out
@@ -721,9 +738,8 @@ def summary(lut: dict) -> dict:
             "seconds": lut["profile_seconds"]}
 
 
-if __name__ == "__main__":  # measure_deployed's fresh process: a pickled job on stdin, JSON on stdout
+if __name__ == "__main__":  # OrtRunner.measure's fresh process: a pickled job on stdin, JSON on stdout
     import pickle
 
-    _name, _target, _protocol, _files, _size = pickle.loads(sys.stdin.buffer.read())
-    json.dump(_measure_deployed_here(_name, _target, _protocol, {k: Path(v) for k, v in _files.items()}, _size),
-              sys.stdout)
+    _target, _protocol, _items, _label = pickle.loads(sys.stdin.buffer.read())
+    json.dump(OrtRunner(_target).measure_here(_items, _protocol, _label), sys.stdout)

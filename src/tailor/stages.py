@@ -80,6 +80,7 @@ def scenario_id(superclass: str, budget: float) -> str:
 
 def retrain_scenarios(p: Params, meta: Meta) -> list[tuple[str, float]]:
     """(superclass, budget) of every scenario to retrain, a null superclass expanded to all of them."""
+    datamod.check_superclass_names(p, meta)
     every = p.search.superclasses or meta.superclasses
     out: list[tuple[str, float]] = []
     for s in p.retrain.scenarios:

@@ -21,14 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tailor import distributed
 from tailor.nets import ACTIVATIONS, Head, Stem, StaticNet
 from tailor.space import Arch, SearchSpace, mid_channels, se_channels
 
 
 def _bn(x, bn: nn.BatchNorm2d, c: int):
     """BatchNorm over the first c channels; slices of the running buffers are views, so updates land."""
-    return F.batch_norm(x, bn.running_mean[:c], bn.running_var[:c], bn.weight[:c], bn.bias[:c],
-                        bn.training, bn.momentum, bn.eps)
+    return distributed.batch_norm(x, bn.running_mean[:c], bn.running_var[:c], bn.weight[:c], bn.bias[:c],
+                                  bn.training, bn.momentum, bn.eps)
 
 
 def nested_levels(gates: torch.Tensor) -> torch.Tensor:

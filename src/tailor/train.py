@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tailor import distributed
 from tailor.config import OptimConfig, RuntimeConfig
 from tailor.data import Batches, Meta
 from tailor.utils import CheckpointError, atomic_torch_save, load_checkpoint, log
@@ -86,7 +87,9 @@ def superclass_keep_mask(sc: torch.Tensor, class_sc: torch.Tensor, q: float, gen
     the sample's own superclass is always kept.
     """
     n_sc = int(class_sc.max()) + 1
-    keep_sc = torch.rand(sc.shape[0], n_sc, generator=gen).to(sc.device) >= q  # (B, S)
+    w = distributed.world()  # drawn for the global batch, so each image gets its 1-process draw
+    draw = torch.rand(sc.shape[0] * w.size, n_sc, generator=gen)[w.rows(sc.shape[0])]
+    keep_sc = draw.to(sc.device) >= q  # (B, S)
     keep_sc[torch.arange(sc.shape[0], device=sc.device), sc] = True
     return keep_sc[:, class_sc]  # (B, S) -> (B, C)
 
@@ -156,38 +159,42 @@ def fit(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, ep
         else:
             log(f"ignoring {checkpoint}: it belongs to another configuration")
     n = batches.num_batches(drop_last=True)
-    for epoch in range(start, epochs):
-        if before_epoch:
-            before_epoch(epoch)
-        t0 = time.perf_counter()
-        torch.manual_seed(seed * 100_003 + epoch)  # dropout and anything else drawing from torch's RNG
-        model.train()
-        totals: dict[str, float] = {}
-        for i, (x, y, sc) in enumerate(batches.epoch(seed * 100_003 + epoch, augment=True)):
-            lr = lr_at(epoch + i / n)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = step(model, x, y, sc, epoch, i)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            if log_every and (i + 1) % log_every == 0:
-                log(f"epoch {epoch + 1}/{epochs} step {i + 1}/{n} " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
-        dt = time.perf_counter() - t0
-        result.seconds += dt
-        row = {"epoch": epoch + 1, "lr": lr_at(epoch + 1 - 1e-9), "seconds": round(dt, 2),
-               "images_per_s": round(n * batches.batch_size / dt, 1), **{k: v / max(1, n) for k, v in totals.items()}}
-        if after_epoch:
-            row.update(after_epoch(epoch))
-        result.history.append(row)
-        log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                           "history": result.history, "seconds": result.seconds, "fingerprint": fingerprint},
-                          checkpoint)
-        if os.environ.get("TAILOR_STOP_AFTER_EPOCH") == str(epoch + 1):
-            # Lets tests kill a run at a known point and check that it resumes exactly.
-            raise KeyboardInterrupt(f"TAILOR_STOP_AFTER_EPOCH={epoch + 1}")
+    distributed.check_batch(batches.batch_size, "training")
+    with distributed.global_batch(model):
+        for epoch in range(start, epochs):
+            if before_epoch:
+                before_epoch(epoch)
+            t0 = time.perf_counter()
+            torch.manual_seed(seed * 100_003 + epoch)  # dropout and anything else drawing from torch's RNG
+            model.train()
+            totals: dict[str, float] = {}
+            for i, (x, y, sc) in enumerate(batches.epoch(seed * 100_003 + epoch, augment=True)):
+                lr = lr_at(epoch + i / n)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                losses = step(model, distributed.shard(x), distributed.shard(y), distributed.shard(sc), epoch, i)
+                distributed.average_gradients(model)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for k, v in losses.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+                if log_every and (i + 1) % log_every == 0:
+                    log(f"epoch {epoch + 1}/{epochs} step {i + 1}/{n} " + " ".join(f"{k}={v:.4f}" for k, v in losses.items()))
+            totals = distributed.mean_over_ranks(totals)
+            dt = time.perf_counter() - t0
+            result.seconds += dt
+            row = {"epoch": epoch + 1, "lr": lr_at(epoch + 1 - 1e-9), "seconds": round(dt, 2),
+                   "images_per_s": round(n * batches.batch_size / dt, 1), **{k: v / max(1, n) for k, v in totals.items()}}
+            if after_epoch:
+                row.update(after_epoch(epoch))
+            result.history.append(row)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                               "history": result.history, "seconds": result.seconds, "fingerprint": fingerprint},
+                              checkpoint)
+            if os.environ.get("TAILOR_STOP_AFTER_EPOCH") == str(epoch + 1):
+                # Lets tests kill a run at a known point and check that it resumes exactly.
+                raise KeyboardInterrupt(f"TAILOR_STOP_AFTER_EPOCH={epoch + 1}")
     return result
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tailor import distributed
+
 
 def provenance(p, stage: str) -> dict:
     """What every artifact records: its stage, the code version and the params (a tailor.config.Params)."""
@@ -22,6 +24,8 @@ def provenance(p, stage: str) -> dict:
 
 
 def log(msg: str) -> None:
+    if not distributed.world().main:  # under torchrun, rank 0 speaks for all
+        return
     print(f"[tailor {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
@@ -37,6 +41,8 @@ def _tmp_beside(path: Path) -> Path:
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, then rename: a kill leaves the old file or the new."""
+    if not distributed.world().main:  # under torchrun only rank 0 writes; every rank computed the same
+        return
     path = Path(path)
     tmp = _tmp_beside(path)
     try:
@@ -99,6 +105,8 @@ def read_json(path: str | Path, what: str = "file"):
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
+    if not distributed.world().main:  # under torchrun only rank 0 writes; every rank computed the same
+        return
     path = Path(path)
     tmp = _tmp_beside(path)
     try:

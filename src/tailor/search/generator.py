@@ -236,7 +236,7 @@ class _Data:
         for t, cls in self.classes.items():
             local[cls.cpu()] = torch.arange(len(cls))
         self.local = local.to(ctx.device)
-        self.train = ctx.batches("train", ctx.p.runtime.bn_recal_batch_size)
+        self.train = ctx.batches("train", ctx.p.runtime.bn_recal_batch_size, augment=False)
 
     def images(self, batches, idx: torch.Tensor) -> torch.Tensor:
         x = batches.x[idx.to(batches.x.device)].to(self.device).float()
