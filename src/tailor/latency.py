@@ -191,6 +191,13 @@ class TorchRunner:
 
         return run
 
+    def measure(self, items: dict[str, Callable[[], object]], protocol, label: str,
+                progress: Callable[[str], None] = log) -> dict[str, list[Call]]:
+        """`measure` of the prepared calls, in this process (PyTorch is what is timed), on the target's threads."""
+        with torch_threads(self.target.threads):
+            return measure(self, items, protocol.warmup, protocol.repeats, protocol.rounds,
+                           lambda m: progress(f"{label}: {m}"))
+
     def time_calls(self, fn: Callable[[], object], n: int) -> list[Call]:
         if self.device.type != "cuda":
             return _time_wall(fn, n)
@@ -254,9 +261,11 @@ class OrtRunner:
     def time_calls(self, fn: Callable[[], object], n: int) -> list[Call]:
         return _time_wall(fn, n)  # run() returns host arrays, so it has finished on any provider
 
-    def measure(self, items: dict[str, OnnxItem], protocol, label: str) -> dict[str, list[Call]]:
+    def measure(self, items: dict[str, OnnxItem], protocol, label: str,
+                progress: Callable[[str], None] = log) -> dict[str, list[Call]]:
         """`measure` of every item's session, in a fresh `python -m tailor.latency` process (a pickled
-        job on stdin, the calls as JSON on stdout; its progress lines go to the shared stderr)."""
+        job on stdin, the calls as JSON on stdout; its progress lines go to the shared stderr, not to
+        `progress`, which cannot cross the process boundary)."""
         import pickle
         import subprocess
 
@@ -591,12 +600,7 @@ def profile(cfg: LatencyConfig, target_name: str, space: SearchSpace, num_classe
                                          pixels=True)
         progress(f"profile-latency[{target_name}]: {len(specs)} blocks, 2 fixed parts, {len(nets)} subnets "
                  f"prepared in {time.perf_counter() - t_start:.1f}s")
-    if isinstance(runner, OrtRunner):
-        samples = runner.measure(items, protocol, f"profile-latency[{target_name}]")
-    else:
-        with torch_threads(target.threads):
-            samples = measure(runner, items, protocol.warmup, protocol.repeats, protocol.rounds,
-                              lambda m: progress(f"profile-latency[{target_name}]: {m}"))
+    samples = runner.measure(items, protocol, f"profile-latency[{target_name}]", progress)
     stats = {k: _stats(v, protocol) for k, v in samples.items()}
     lut = new_lut(target_name, target, protocol, space, num_classes, cfg.seed,
                   {k: v for k, v in stats.items() if not k.startswith("net:")}, classes)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tailor.utils import log
+from tailor.utils import atomic_write_text, log
 
 API = ("kubeflow.org", "v1", "pytorchjobs")
 CONTAINER = "pytorch"  # the operator looks for this container name and port name
@@ -176,18 +176,17 @@ def train_as_job(stage: str, params_yaml: str, key: str, inputs: dict[str, Path]
     staged = stage_inputs(inputs, root / "in")
     params = root / "in" / "params.yaml"
     if not params.exists():
-        params.write_text(params_yaml)
+        atomic_write_text(params, params_yaml)
     produced = {opt: root / "out" / Path(dst).name for opt, dst in outputs.items()}
     # The step's params are its part of the run's (Kubeflow's split-params): --stage-params.
     command = [stage, "--params", str(params), "--stage-params",
                *(a for opt, path in {**staged, **produced}.items() for a in (f"--{opt}", str(path))),
                "--work-dir", str(root / "work")]
-    spec = JobSpec(name=job_name(stage, key), namespace=settings.get("namespace") or namespace(),
-                   image=settings["image"], command=command, nodes=settings["nodes"],
-                   gpus_per_node=settings["gpus_per_node"], claim=settings["claim"], mount=settings["mount"],
-                   cpu=settings.get("cpu", "8"), memory=settings.get("memory", "32Gi"),
-                   accelerator=settings.get("accelerator", "nvidia.com/gpu"),
-                   deadline_s=int(settings.get("deadline_s", 72 * 3600)))
+    # Settings the pipeline left out take JobSpec's defaults.
+    given = {k: settings[k] for k in ("image", "nodes", "gpus_per_node", "claim", "mount", "cpu", "memory",
+                                      "accelerator", "deadline_s") if k in settings}
+    spec = JobSpec(name=job_name(stage, key), namespace=settings.get("namespace") or namespace(), command=command,
+                   **given)
     run(spec, api=api, poll_s=poll_s)
     collect_outputs({produced[opt]: Path(dst) for opt, dst in outputs.items()})
     return json.loads(Path(outputs["metrics"]).read_text())
