@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import random
@@ -108,6 +109,38 @@ def standalone_path(data_name: str, truth: str = "") -> Path:
     return RESULTS / f"ranking-standalone-{data_name}{'-' + truth if truth else ''}.json"
 
 
+def load_truth(data_name: str, truth: str = "") -> dict:
+    """The stand-alone figures named `truth`. Names joined by '+' (`default` for the stock recipe's
+    own file), e.g. `default+s1`, give the mean over those runs on the architectures all of them
+    hold, with the runs kept under "components" so that their agreement with each other (the
+    ground truth's own noise) can be reported beside the supernets'."""
+    names = truth.split("+")
+    if len(names) == 1:
+        return json.loads(standalone_path(data_name, "" if truth == "default" else truth).read_text())
+    parts = {}
+    for name in names:
+        path = standalone_path(data_name, "" if name == "default" else name)
+        if not path.exists():
+            raise SystemExit(f"--truth {truth}: {path} does not exist (run `ranking.py standalone --truth {name}`)")
+        parts[name] = json.loads(path.read_text())
+    first = next(iter(parts.values()))
+    for name, sa in parts.items():
+        if sa["recipe"]["epochs"] != first["recipe"]["epochs"] or sa["recipe"]["optim"] != first["recipe"]["optim"]:
+            raise SystemExit(f"--truth {truth}: {name} is another recipe than {names[0]} (epochs or optimizer); "
+                             "only training seeds of one recipe are averaged")
+    common = [a for a in first["results"] if all(a in sa["results"] for sa in parts.values())]
+    results = {}
+    for a in common:
+        rs = [sa["results"][a] for sa in parts.values()]
+        results[a] = {"arch": a, "madds": rs[0]["madds"], "epochs": rs[0]["epochs"],
+                      **{k: sum(r[k] for r in rs) / len(rs) for k in ("val_sc_top1_mean", "test_sc_top1_mean")},
+                      "train_seconds": sum(r["train_seconds"] for r in rs)}
+    return {"benchmark": "ranking-standalone", "recipe": {**first["recipe"], "seeds": [sa["recipe"]["seed"] for sa
+                                                                                       in parts.values()]},
+            "results": results, "components": {n: sa["results"] for n, sa in parts.items()},
+            "files": [standalone_path(data_name, "" if n == "default" else n).name for n in names]}
+
+
 def rescored(run: dict, sa: dict) -> dict:
     """A variant's run scored against other stand-alone figures (the same supernet accuracies, on the
     architectures those figures have so far: a stand-alone run is cached per architecture and may be
@@ -128,24 +161,43 @@ def cmd_standalone(args, p) -> dict:
     data = _prepare(p, work, args.data)
     ctx = Context(p, data)
     epochs = args.epochs or p.stock_epochs()
-    recipe = {"seed": p.seed, "epochs": epochs, "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
+    # The architectures and the data split stay the preset seed's; --seed changes only the training
+    # (initial weights, batch order, augmentation), so two seeds measure the ground truth's own noise.
+    arch_seed = p.seed
+    if args.seed is not None and args.seed != arch_seed:
+        if not args.truth:
+            raise SystemExit(f"standalone --seed {args.seed}: name its results with --truth (e.g. s{args.seed}); "
+                             "without it they would replace the preset seed's ground truth")
+        p = p.model_copy(update={"seed": args.seed})
+    recipe = {"seed": p.seed, **({"arch_seed": arch_seed} if p.seed != arch_seed else {}), "epochs": epochs, "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
               "space": p.space.model_dump(), "data": file_hash(data / "meta.json"), "archs": args.archs}
     fp = fingerprint("ranking-standalone", recipe)
     path = standalone_path(args.data_name, args.truth)
-    out = json.loads(path.read_text()) if path.exists() else {}
-    if out.get("fingerprint") != fp:
-        out = {"benchmark": "ranking-standalone", "fingerprint": fp, "recipe": recipe, "results": {}}
-    archs = select_archs(ctx.space, ctx.num_classes, args.archs, p.seed)
+    shard, shards = (int(v) for v in args.shard.split("/"))
+
+    def stored() -> dict:
+        out = json.loads(path.read_text()) if path.exists() else {}
+        if out.get("fingerprint") != fp:
+            out = {"benchmark": "ranking-standalone", "fingerprint": fp, "recipe": recipe, "results": {}}
+        return out
+
+    out = stored()
+    archs = select_archs(ctx.space, ctx.num_classes, args.archs, arch_seed)
     for i, arch in enumerate(archs):
-        if str(arch) in out["results"]:
+        if str(arch) in out["results"] or i % shards != shard:
             continue
         log(f"stand-alone {i + 1}/{len(archs)}: {arch} ({ctx.space.madds(arch, ctx.num_classes) / 1e6:.2f}M MAdds)")
-        r = train_standalone(p, ctx, arch, epochs, work / "standalone" / f"{i:02d}", fp)
+        r = train_standalone(p, ctx, arch, epochs, work / "standalone" / (f"{i:02d}" + (f"-s{p.seed}" if p.seed != arch_seed else "")), fp)
         r["code_version"] = code_version()
-        out["results"][str(arch)] = r
-        out["date"] = datetime.datetime.now().isoformat(timespec="seconds")
         RESULTS.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, out)  # after every architecture: a killed run keeps what it finished
+        # After every architecture, so a killed run keeps what it finished; re-read under a lock so
+        # that shards running side by side (--shard) add to one file without losing each other's.
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            out = stored()
+            out["results"][str(arch)] = r
+            out["date"] = datetime.datetime.now().isoformat(timespec="seconds")
+            atomic_write_json(path, out)
         log(f"stand-alone {arch}: test sc-top-1 {r['test_sc_top1_mean']:.4f} in {r['train_seconds']} s")
     return out
 
@@ -259,18 +311,23 @@ def _mean_row(runs: dict[int, dict], key: str, ci_key: str) -> str:
 def markdown(data_name: str, truth: str = "") -> str:
     from tailor.stats import kendall_tau
 
-    sa_file = standalone_path(data_name, truth)
-    sa = json.loads(sa_file.read_text())
+    from tailor.stats import rank_agreement
+
+    sa = load_truth(data_name, truth)
+    files = ", ".join(f"`benchmarks/results/{n}`" for n in sa.get("files", [standalone_path(data_name, truth).name]))
     runs = [json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")]
     recipes = group([rescored(r, sa) if truth else r for r in runs])
     srs = sorted(sa["results"].values(), key=lambda r: r["madds"])
+    seeds = sa["recipe"].get("seeds")
     lines = [
         f"Stand-alone: {len(srs)} architectures ({srs[0]['madds'] / 1e6:.2f} to {srs[-1]['madds'] / 1e6:.2f} M MAdds) "
         f"trained from scratch on every class with the stock anchors' recipe ({sa['recipe']['epochs']} epochs, "
-        f"lr {sa['recipe']['optim']['lr']}, batch {sa['recipe']['optim']['batch_size']}), test sc-top-1 "
-        f"{_pct(min(r['test_sc_top1_mean'] for r in srs))} to {_pct(max(r['test_sc_top1_mean'] for r in srs))}%; "
+        f"lr {sa['recipe']['optim']['lr']}, batch {sa['recipe']['optim']['batch_size']})"
+        + (f", each at training seeds {', '.join(map(str, seeds))} and scored by its mean" if seeds else "") +
+        f", test sc-top-1 {_pct(min(r['test_sc_top1_mean'] for r in srs))} to "
+        f"{_pct(max(r['test_sc_top1_mean'] for r in srs))}%; "
         f"{sum(r['train_seconds'] for r in srs) / 60:.0f} min of training in all "
-        f"(`benchmarks/results/{sa_file.name}`). Kendall tau between MAdds and stand-alone accuracy: "
+        f"({files}). Kendall tau between MAdds and stand-alone accuracy: "
         f"{kendall_tau([r['madds'] for r in srs], [r['test_sc_top1_mean'] for r in srs]):+.2f} (negative: at "
         "this recipe's epochs the smaller networks train better); between stand-alone val and test accuracy: "
         f"{kendall_tau([r['val_sc_top1_mean'] for r in srs], [r['test_sc_top1_mean'] for r in srs]):.2f} (how "
@@ -282,8 +339,10 @@ def markdown(data_name: str, truth: str = "") -> str:
         "(training noise, for these 20 architectures); one trained at one seed shows its 95% bootstrap CI over "
         "architectures, which leaves the training seed's own variation out. min / mid / max: the space's uniform "
         "subnets, test sc-top-1 (%), mean over seeds. Wall: train-supernet's training seconds on this 2-core CPU, "
-        "mean over seeds (the load averages at start and end are in each result file; some runs ran beside tests).",
+        "mean over seeds, at 2 threads unless marked (a row marked 1 thread ran two runs side by side, a thread "
+        "each; the load averages at start and end are in each result file; some runs ran beside tests).",
         "",
+        *_noise_ceiling(sa, rank_agreement),
         f"tau - tau({BASELINE}): the difference from the sandwich recipe, paired by training seed (t-CI over the "
         "seeds both ran) or, with one common seed, by architecture (paired bootstrap); a CI that holds 0 is a tie.",
         "",
@@ -300,14 +359,36 @@ def markdown(data_name: str, truth: str = "") -> str:
         sampler = rc["sampler"] + (f" x{rc['subnets_per_step']}" if rc["sampler"] == "sandwich" else "")
         subnets = " / ".join(_pct(sum(r["subnets"][k]["test_sc_top1_mean"] for r in runs.values()) / len(runs))
                              for k in first["subnets"])
-        wall = sum(r["train_seconds"] for r in runs.values()) / len(runs)
+        wall = f"{sum(r['train_seconds'] for r in runs.values()) / len(runs):.0f}"
+        threads = sorted({r.get("cpu_threads") for r in runs.values()} - {None})
+        if threads and threads != [2]:  # runs that shared the 2 cores with another, a thread each
+            wall += f" ({'/'.join(map(str, threads))} thread{'s' if threads != [1] else ''})"
         lines.append(
             f"| {name} | {', '.join(map(str, sorted(runs)))} | {sampler} | {'yes' if rc['els'] else 'no'} | {cur} | "
             f"{rc['superclass_dropout']} | {_mean_row(runs, 'kendall_tau', 'kendall_tau_ci')} | {diff} | "
-            f"{_mean_row(runs, 'spearman_rho', 'spearman_rho_ci')} | {subnets} | {wall:.0f} |")
+            f"{_mean_row(runs, 'spearman_rho', 'spearman_rho_ci')} | {subnets} | {wall} |")
     lines += ["", *claims(recipes), "",
               f"Per-architecture figures: `benchmarks/results/ranking-{data_name}-<variant>[-s<seed>].json`."]
     return "\n".join(lines)
+
+
+def _noise_ceiling(sa: dict, rank_agreement) -> list[str]:
+    """How well the stand-alone runs rank the architectures against each other: a supernet is one
+    more noisy measurement of the same ranking, so against one run's figures it can be expected to
+    reach at most about this tau, and against their mean somewhat more."""
+    comps = sa.get("components")
+    if not comps or len(comps) != 2:
+        return []
+    (na, a), (nb, b) = comps.items()
+    archs = sorted(sa["results"])
+    g = rank_agreement([a[x]["test_sc_top1_mean"] for x in archs], [b[x]["test_sc_top1_mean"] for x in archs])
+    return [f"The ground truth's own noise: the two stand-alone runs ({na}, {nb}: the same architectures, recipe, data "
+            f"split and test images, another training seed) rank the architectures at Kendall tau "
+            f"{g['kendall_tau']:.3f} [{g['kendall_tau_ci'][0]:.2f}, {g['kendall_tau_ci'][1]:.2f}] (Spearman rho "
+            f"{g['spearman_rho']:.3f}) against each other; their test sc-top-1 differs by "
+            f"{100 * sum(abs(a[x]['test_sc_top1_mean'] - b[x]['test_sc_top1_mean']) for x in archs) / len(archs):.1f} "
+            "points per architecture on average. A supernet that ranked as well as a second stand-alone run would "
+            "reach about that tau against one run.", ""]
 
 
 def _min_acc(r: dict) -> float:
@@ -374,6 +455,12 @@ def main(argv=None) -> None:
     truth_help = ("names another stand-alone recipe's results (ranking-standalone-<data>-<truth>.json); "
                   "default: the stock recipe's")
     sub.choices["standalone"].add_argument("--truth", default="", help=truth_help)
+    sub.choices["standalone"].add_argument("--seed", type=int, default=None,
+                                           help="training seed (default: the preset's); the architectures and the "
+                                                "data split stay the preset's. Name the results with --truth")
+    sub.choices["standalone"].add_argument("--shard", default="0/1", metavar="K/N",
+                                           help="train only the architectures whose index is K mod N, so that N "
+                                                "processes can share the work (one file, written under a lock)")
     v = sub.choices["variant"]
     v.add_argument("--name", required=True, help="the recipe's name: runs of one name at several seeds are one row")
     v.add_argument("--seed", type=int, default=None,
@@ -382,10 +469,12 @@ def main(argv=None) -> None:
     v.add_argument("--max-wait", type=float, default=600)
     t = sub.add_parser("table")
     t.add_argument("--data-name", default="tin-sc10-cpu")
-    t.add_argument("--truth", default="", help=truth_help)
+    t.add_argument("--truth", default="", help=truth_help + "; names joined by '+' (`default` for the stock "
+                   "recipe's own), e.g. default+s1: their mean, with their agreement with each other")
     args = ap.parse_args(argv)
     if args.cmd == "table":
-        title = f"Supernet ranking: {args.data_name}" + (f", stand-alone {args.truth}" if args.truth else "")
+        label = (f"mean of {args.truth.replace('+', ', ')}" if "+" in args.truth else args.truth)
+        title = f"Supernet ranking: {args.data_name}" + (f", stand-alone {label}" if args.truth else "")
         upsert_section(RESULTS_MD, title, markdown(args.data_name, args.truth))
         print(markdown(args.data_name, args.truth))
         return

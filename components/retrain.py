@@ -6,14 +6,16 @@ from components.runtime import load_params, log_metrics, work_dir  # embedded in
 
 @tailor_component
 def retrain(params_yaml: str, scenario: str, data: Input[Dataset], supernet: Input[Model],
-            search: Input[Artifact], model: Output[Model], metrics: Output[Metrics]):
+            search: Input[Artifact], model: Output[Model], metrics: Output[Metrics], luts: Input[Artifact] = None):
     """retrain for one scenario ("<superclass>@<budget>"): its architecture (the explicit one in
-    retrain.scenarios, else the search's pick), trained for that superclass's classes."""
+    retrain.scenarios, else the search's pick), trained for that superclass's classes. `luts`: the
+    search's latency tables when budgets are latencies (search.cost.kind latency): retrain checks
+    the architecture against its budget with the search's own cost model."""
     from pathlib import Path
 
     from tailor import stages
 
-    p, (superclass, budget) = load_params(params_yaml, "retrain"), scenario.rsplit("@", 1)
+    p, (superclass, budget) = load_params(params_yaml, "retrain", luts), scenario.rsplit("@", 1)
     log_metrics(metrics, stages.retrain(p, Path(data.path), Path(supernet.path), superclass, float(budget),
                                         stages.choose_arch(p, Path(search.path), superclass, float(budget)),
                                         Path(model.path), Path(metrics.path),

@@ -380,7 +380,8 @@ def build(opts: Options = DEFAULT_OPTIONS):
 
         scenarios = step("retrain-scenarios", C.retrain_scenarios, data=data).output
         with dsl.ParallelFor(scenarios, parallelism=opts.parallelism) as scenario:
-            retrained = step("retrain", C.retrain, scenario=scenario, data=data, supernet=supernet, search=search)
+            retrained = step("retrain", C.retrain, scenario=scenario, data=data, supernet=supernet, search=search,
+                             **cost)
         publish = {"repo_url": repo_url, "run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER, "run_scoped_repo": run_scoped_repo}
         repository = step("export", C.export, **publish, data=data,
                           models=dsl.Collected(retrained.outputs["model"])).outputs["repository"]

@@ -401,11 +401,18 @@ def test_report_shows_the_search_targets_latency(tmp_path):
     by_name = {t["taskInfo"]["name"]: key for key, t in all_tasks(spec).items()}
     latency = all_tasks(spec)["report"]["inputs"]["artifacts"]["latency"]["taskOutputArtifact"]
     assert latency == {"outputArtifactKey": "metrics", "producerTask": by_name["profile-latency-cpu-torch"]}
+    # Every step that prices an architecture gets that table: the searches, and retrain, which checks
+    # its architecture against the budget (a latency budget needs the LUT).
+    pricing = ["search-generator", "search-evolution", "search-random", "search-nsga2", "retrain"]
+    for name in pricing:
+        luts = all_tasks(spec)[by_name[name]]["inputs"]["artifacts"]["luts"]
+        assert by_name["profile-latency-cpu-torch"] in json.dumps(luts), (name, luts)
     preset.write_text("latency: {target: [cpu-torch, cpu-ort]}\n")  # costs in MAdds: the first target
     spec, _ = compiled(tp.Options(presets=(preset,)), tmp_path)
     by_name = {t["taskInfo"]["name"]: key for key, t in all_tasks(spec).items()}
     latency = all_tasks(spec)["report"]["inputs"]["artifacts"]["latency"]["taskOutputArtifact"]
     assert latency["producerTask"] == by_name["profile-latency-cpu-torch"]
+    assert all("luts" not in all_tasks(spec)[by_name[name]]["inputs"].get("artifacts", {}) for name in pricing)
 
 
 # ---------------------------------------------------------------- kfp.local, end to end

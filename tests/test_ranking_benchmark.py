@@ -48,6 +48,21 @@ def test_standalone_cache_variant_and_table(ranking, tiny_run, tmp_path, monkeyp
     again = json.loads((tmp_path / "results" / "ranking-standalone-tiny.json").read_text())
     assert {k: v["train_seconds"] for k, v in again["results"].items()} == first
 
+    # A second training seed of the same architectures, in two shards side by side: the ground
+    # truth's own noise, and a mean over seeds to score against.
+    with pytest.raises(SystemExit, match="--truth"):  # would replace the preset seed's figures
+        ranking.main(["standalone", *common, "--archs", "5", "--seed", "1"])
+    for shard in ("0/2", "1/2"):
+        ranking.main(["standalone", *common, "--archs", "5", "--seed", "1", "--truth", "s1", "--shard", shard])
+    s1 = json.loads((tmp_path / "results" / "ranking-standalone-tiny-s1.json").read_text())
+    assert sorted(s1["results"]) == sorted(sa["results"]) and s1["recipe"]["seed"] == 1
+    assert [s1["results"][a]["test_sc_top1_mean"] for a in sorted(sa["results"])] != \
+        [sa["results"][a]["test_sc_top1_mean"] for a in sorted(sa["results"])]  # trained anew
+    both = ranking.load_truth("tiny", "default+s1")
+    a = sorted(sa["results"])[0]
+    assert both["results"][a]["test_sc_top1_mean"] == pytest.approx(
+        (sa["results"][a]["test_sc_top1_mean"] + s1["results"][a]["test_sc_top1_mean"]) / 2)
+
     ranking.main(["variant", *common, "--name", "base", "--quiet-load", "1000"])
     res = json.loads((tmp_path / "results" / "ranking-tiny-base.json").read_text())
     g = res["ranking"]
@@ -67,6 +82,11 @@ def test_standalone_cache_variant_and_table(ranking, tiny_run, tmp_path, monkeyp
     assert [r["arch"] for r in s1["archs"]] == [r["arch"] for r in res["archs"]]
     md = (tmp_path / "RESULTS.md").read_text()
     assert f"| base | 0, 1 | {sampler} | no | no | 0.5 |" in md and "| base | 1 |" not in md
+
+    ranking.main(["table", "--data-name", "tiny", "--truth", "default+s1"])
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "## Supernet ranking: tiny, stand-alone mean of default, s1" in md
+    assert "each at training seeds 0, 1" in md and "The ground truth's own noise" in md
 
 
 def _run(name: str, seed: int, tau: float, min_acc: float) -> dict:
