@@ -426,6 +426,14 @@ def claims(recipes: dict[str, dict[int, dict]]) -> list[str]:
             x, y = recipes[name], recipes[name[:-4]]
             out.append(f"- ELS ({name} - {name[:-4]}): tau {over_seeds(x, y, dtau, _tau)}; min subnet accuracy "
                        f"{over_seeds(x, y, _paired_min, _min_acc, 1, ' points')}.")
+    for name in sorted(recipes, key=lambda n: (n.split("-lr")[0], float(n.split("-lr")[1]) if "-lr" in n else 0)):
+        base = name.split("-lr")[0]
+        if "-lr" in name and base in recipes:  # a step-rate row against its recipe at the rate it sets
+            x, y = recipes[name], recipes[base]
+            rate = lambda r: r["recipe"]["phases"][0]["lr"]  # noqa: E731
+            out.append(f"- Step rate {rate(next(iter(x.values())))} - {rate(next(iter(y.values())))} ({name} - {base}): "
+                       f"tau {over_seeds(x, y, dtau, _tau)}; min subnet accuracy "
+                       f"{over_seeds(x, y, _paired_min, _min_acc, 1, ' points')}.")
     if "curriculum" in recipes and BASELINE in recipes:
         cur, base = recipes["curriculum"], recipes[BASELINE]
         out.append(f"- Curriculum - direct ({BASELINE}), equal epochs: min subnet accuracy "
