@@ -105,8 +105,9 @@ def train_standalone(p, ctx, arch, epochs: int, work: Path, fp: str) -> dict:
 
 
 def standalone_path(data_name: str, truth: str = "") -> Path:
-    """The stand-alone figures: the stock recipe's, or another recipe's named `truth` (e.g. e8)."""
-    return RESULTS / f"ranking-standalone-{data_name}{'-' + truth if truth else ''}.json"
+    """The stand-alone figures: the stock recipe's ("" or "default"), or another run's named `truth`
+    (e.g. e8, s1)."""
+    return RESULTS / f"ranking-standalone-{data_name}{'-' + truth if truth not in ('', 'default') else ''}.json"
 
 
 def load_truth(data_name: str, truth: str = "") -> dict:
@@ -116,10 +117,10 @@ def load_truth(data_name: str, truth: str = "") -> dict:
     ground truth's own noise) can be reported beside the supernets'."""
     names = truth.split("+")
     if len(names) == 1:
-        return json.loads(standalone_path(data_name, "" if truth == "default" else truth).read_text())
+        return json.loads(standalone_path(data_name, truth).read_text())
     parts = {}
     for name in names:
-        path = standalone_path(data_name, "" if name == "default" else name)
+        path = standalone_path(data_name, name)
         if not path.exists():
             raise SystemExit(f"--truth {truth}: {path} does not exist (run `ranking.py standalone --truth {name}`)")
         parts[name] = json.loads(path.read_text())
@@ -138,7 +139,7 @@ def load_truth(data_name: str, truth: str = "") -> dict:
     return {"benchmark": "ranking-standalone", "recipe": {**first["recipe"], "seeds": [sa["recipe"]["seed"] for sa
                                                                                        in parts.values()]},
             "results": results, "components": {n: sa["results"] for n, sa in parts.items()},
-            "files": [standalone_path(data_name, "" if n == "default" else n).name for n in names]}
+            "files": [standalone_path(data_name, n).name for n in names]}
 
 
 def rescored(run: dict, sa: dict) -> dict:
@@ -163,13 +164,14 @@ def cmd_standalone(args, p) -> dict:
     epochs = args.epochs or p.stock_epochs()
     # The architectures and the data split stay the preset seed's; --seed changes only the training
     # (initial weights, batch order, augmentation), so two seeds measure the ground truth's own noise.
-    arch_seed = p.seed
-    if args.seed is not None and args.seed != arch_seed:
+    arch_seed, other_seed = p.seed, args.seed is not None and args.seed != p.seed
+    if other_seed:
         if not args.truth:
             raise SystemExit(f"standalone --seed {args.seed}: name its results with --truth (e.g. s{args.seed}); "
                              "without it they would replace the preset seed's ground truth")
         p = p.model_copy(update={"seed": args.seed})
-    recipe = {"seed": p.seed, **({"arch_seed": arch_seed} if p.seed != arch_seed else {}), "epochs": epochs, "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
+    recipe = {"seed": p.seed, **({"arch_seed": arch_seed} if other_seed else {}), "epochs": epochs,
+              "optim": p.stock.optim.model_dump(), "augment": p.augment.model_dump(),
               "space": p.space.model_dump(), "data": file_hash(data / "meta.json"), "archs": args.archs}
     fp = fingerprint("ranking-standalone", recipe)
     path = standalone_path(args.data_name, args.truth)
@@ -187,7 +189,8 @@ def cmd_standalone(args, p) -> dict:
         if str(arch) in out["results"] or i % shards != shard:
             continue
         log(f"stand-alone {i + 1}/{len(archs)}: {arch} ({ctx.space.madds(arch, ctx.num_classes) / 1e6:.2f}M MAdds)")
-        r = train_standalone(p, ctx, arch, epochs, work / "standalone" / (f"{i:02d}" + (f"-s{p.seed}" if p.seed != arch_seed else "")), fp)
+        r = train_standalone(p, ctx, arch, epochs, work / "standalone" / f"{i:02d}{f'-s{p.seed}' if other_seed else ''}",
+                             fp)
         r["code_version"] = code_version()
         RESULTS.mkdir(parents=True, exist_ok=True)
         # After every architecture, so a killed run keeps what it finished; re-read under a lock so
@@ -311,8 +314,6 @@ def _mean_row(runs: dict[int, dict], key: str, ci_key: str) -> str:
 def markdown(data_name: str, truth: str = "") -> str:
     from tailor.stats import kendall_tau
 
-    from tailor.stats import rank_agreement
-
     sa = load_truth(data_name, truth)
     files = ", ".join(f"`benchmarks/results/{n}`" for n in sa.get("files", [standalone_path(data_name, truth).name]))
     runs = [json.loads(f.read_text()) for f in RESULTS.glob(f"ranking-{data_name}-*.json")]
@@ -342,7 +343,7 @@ def markdown(data_name: str, truth: str = "") -> str:
         "mean over seeds, at 2 threads unless marked (a row marked 1 thread ran two runs side by side, a thread "
         "each; the load averages at start and end are in each result file; some runs ran beside tests).",
         "",
-        *_noise_ceiling(sa, rank_agreement),
+        *_noise_ceiling(sa),
         f"tau - tau({BASELINE}): the difference from the sandwich recipe, paired by training seed (t-CI over the "
         "seeds both ran) or, with one common seed, by architecture (paired bootstrap); a CI that holds 0 is a tie.",
         "",
@@ -372,10 +373,12 @@ def markdown(data_name: str, truth: str = "") -> str:
     return "\n".join(lines)
 
 
-def _noise_ceiling(sa: dict, rank_agreement) -> list[str]:
+def _noise_ceiling(sa: dict) -> list[str]:
     """How well the stand-alone runs rank the architectures against each other: a supernet is one
     more noisy measurement of the same ranking, so against one run's figures it can be expected to
     reach at most about this tau, and against their mean somewhat more."""
+    from tailor.stats import rank_agreement
+
     comps = sa.get("components")
     if not comps or len(comps) != 2:
         return []
@@ -483,8 +486,9 @@ def main(argv=None) -> None:
     if args.cmd == "table":
         label = (f"mean of {args.truth.replace('+', ', ')}" if "+" in args.truth else args.truth)
         title = f"Supernet ranking: {args.data_name}" + (f", stand-alone {label}" if args.truth else "")
-        upsert_section(RESULTS_MD, title, markdown(args.data_name, args.truth))
-        print(markdown(args.data_name, args.truth))
+        md = markdown(args.data_name, args.truth)
+        upsert_section(RESULTS_MD, title, md)
+        print(md)
         return
     from tailor.config import load_params
 
